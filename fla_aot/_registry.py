@@ -1,0 +1,40 @@
+"""Turns manifest.json (written by tools/compile_kernels.py) into torch ops at import.
+
+For each op it defines the schema with its C++ CUDA kernel (fla_aot._C), and registers a fake
+implementation (shapes only) so torch.compile(fullgraph=True) traces the op without running it.
+"""
+import json
+import os
+
+import torch
+
+from fla_aot._manifest_rules import check_args, output_shapes, schema
+
+try:
+    from fla_aot import _C
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError("fla_aot's C++ extension is not built: install the package with "
+                      "`pip install --no-build-isolation .` (see README.md)") from e
+
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+
+with open(os.path.join(KERNELS_DIR, "manifest.json")) as f:
+    MANIFEST = json.load(f)
+
+
+def _make_fake(entry):
+    def fake(*args):
+        sym = check_args(entry, args)
+        device = next(x.device for x in args if isinstance(x, torch.Tensor))
+        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in output_shapes(entry, args, sym))
+    fake.__name__ = f"{entry['name']}_fake"
+    return fake
+
+
+def _register_all():
+    for entry in MANIFEST["ops"].values():
+        _C.register_op(entry, schema(entry), KERNELS_DIR)
+        torch.library.register_fake(f"fla_aot::{entry['name']}")(_make_fake(entry))
+
+
+_register_all()

@@ -1,0 +1,22 @@
+"""fla_aot.ops: a drop-in for fla.ops, served from precompiled kernels.
+
+Importing it registers the torch ops of the manifest (torch.ops.fla_aot.*) from the C++ extension.
+"""
+import fla_aot._registry  # noqa: F401  registers torch.ops.fla_aot.*
+from fla_aot.ops.fused_recurrent import (
+    fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    fused_recurrent_gla,
+    fused_recurrent_linear_attn,
+    fused_recurrent_retention,
+    fused_recurrent_simple_gla,
+)
+
+__all__ = [
+    "fused_recurrent_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gla",
+    "fused_recurrent_linear_attn",
+    "fused_recurrent_retention",
+    "fused_recurrent_simple_gla",
+]

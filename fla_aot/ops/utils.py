@@ -1,0 +1,64 @@
+"""Argument handling shared by the ops: defaults, cu_seqlens checks, the forward-only autograd guard."""
+import torch
+
+
+def check_kwargs(op, kwargs):
+    """fla's ops take **kwargs for deprecated options; accept only their harmless values."""
+    for key, value in kwargs.items():
+        if key == "head_first" and not value:
+            continue
+        if key == "cu_seqlens_cpu":
+            continue
+        raise TypeError(f"{op}: unexpected argument {key}={value!r}"
+                        + (" (fla_aot takes [B, T, H, K] inputs only)" if key == "head_first" else ""))
+
+
+def _capturing():
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_cu_seqlens(op, cu_seqlens, T, cu_seqlens_cpu=None):
+    """Returns cu_seqlens as int64 after checking it: 1-D, starting at 0, non-decreasing, ending at T.
+
+    The value checks read a host copy: `cu_seqlens_cpu` when given, else a copy of a CUDA tensor
+    (one sync), skipped while a CUDA graph is captured or torch.compile traces.
+    """
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor [N+1] of sequence boundaries with N >= 1")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cu_seqlens must be int64 (or int32), got {cu_seqlens.dtype}")
+    if cu_seqlens.dtype == torch.int32:
+        cu_seqlens = cu_seqlens.long()
+    host = cu_seqlens_cpu
+    if host is None and (not cu_seqlens.is_cuda or not _capturing()):
+        host = cu_seqlens.cpu()
+    if host is not None:
+        if host[0] != 0 or host[-1] != T:
+            raise ValueError(f"{op}: cu_seqlens must start at 0 and end at T={T}, got {host.tolist()}")
+        if bool((host[1:] < host[:-1]).any()):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {host.tolist()}")
+    return cu_seqlens
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Makes outputs differentiable-looking so that backward() fails loudly instead of silently."""
+
+    @staticmethod
+    def forward(ctx, op, outputs, *inputs):
+        ctx.op = op
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return tuple(o.view_as(o) for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"fla_aot.ops.{ctx.op}: the backward pass is not implemented yet; "
+                                  f"use fla.ops for training, or call under torch.no_grad()")
+
+
+def forward_only(op, outputs, inputs):
+    """Returns `outputs`, attached to a graph whose backward raises, when any input needs a gradient."""
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+        return _ForwardOnly.apply(op, outputs, *inputs)
+    return outputs

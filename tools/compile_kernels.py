@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Compile every kernel variant of triton_src/ to cubins plus a manifest, on a machine with or without a GPU.
+
+    python tools/compile_kernels.py --arch 80,90 --out build/kernels
+
+Writes <out>/sm_<arch>/<op>.<variant>.cubin and <out>/manifest.json (op schemas, argument shapes,
+kernel parameter bindings and, per arch, each variant's guards, grid and launch metadata). Compiled
+variants are cached in <out>/cache keyed on the family's source, the Triton version, the arch and the
+variant, so a rerun with nothing changed takes seconds. Exits non-zero naming the kernel that failed.
+"""
+import argparse
+import concurrent.futures as cf
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.kernel_spec import TRITON_VERSION  # noqa: E402
+
+MANIFEST_VERSION = 1
+
+
+def _family_specs(family):
+    return importlib.import_module(f"triton_src.{family}").SPECS
+
+
+def _source_hash(family):
+    h = hashlib.sha256()
+    for path in (ROOT / "triton_src" / f"{family}.py", ROOT / "tools" / "kernel_spec.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _cache_key(family, arch, op, variant, triton_version):
+    blob = json.dumps([_source_hash(family), triton_version, arch, op, variant], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _compile_one(job):
+    """Worker: compile one (family, op, variant, arch); returns (job, metadata) or raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    family, op_name, variant, arch, cache_dir, key = job
+    spec = next(s for s in _family_specs(family) if s.name == op_name)
+    src = ASTSource(spec.kernel, signature=variant["signature"], constexprs=variant["constexprs"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=variant["options"])
+    md = compiled.metadata
+    meta = {
+        "kernel_name": md.name,
+        "num_warps": md.num_warps,
+        "shared": md.shared,
+        "global_scratch_size": md.global_scratch_size,
+        "global_scratch_align": md.global_scratch_align,
+        "profile_scratch_size": getattr(md, "profile_scratch_size", 0),
+        "profile_scratch_align": getattr(md, "profile_scratch_align", 1),
+        # Triton appends these hidden pointer parameters after the kernel's own (3.6: global, profile).
+        "num_scratch_params": _count_scratch_params(compiled.asm["ptx"], md.name, variant),
+    }
+    (cache_dir / f"{key}.cubin").write_bytes(compiled.asm["cubin"])
+    (cache_dir / f"{key}.json").write_text(json.dumps(meta))
+    return meta
+
+
+def _count_scratch_params(ptx, name, variant):
+    import re
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    n_ptx = len(re.findall(r"\.param\s", m.group(1))) if m else 0
+    n_own = sum(1 for t in variant["signature"].values() if t != "constexpr")
+    return n_ptx - n_own
+
+
+def _progress(done, total, failed, start):
+    width = 30
+    filled = int(width * done / max(total, 1))
+    bar = "#" * filled + "-" * (width - filled)
+    msg = f"\r[{bar}] {done}/{total} variants  {time.time() - start:5.1f}s" + (f"  {failed} FAILED" if failed else "")
+    print(msg, end="", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
+    p.add_argument("--out", default=str(ROOT / "build" / "kernels"), help="output folder")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
+    p.add_argument("--families", default=None, help="comma-separated families (default: all in triton_src)")
+    p.add_argument("--allow-other-triton", action="store_true",
+                   help=f"compile with a Triton other than the pinned {TRITON_VERSION} (for experiments only)")
+    args = p.parse_args(argv)
+
+    import triton
+    if triton.__version__ != TRITON_VERSION and not args.allow_other_triton:
+        sys.exit(f"compile_kernels: Triton {TRITON_VERSION} is pinned, found {triton.__version__} "
+                 f"(pip install triton=={TRITON_VERSION})")
+    from triton_src import FAMILIES
+
+    archs = [int(a) for a in args.arch.split(",") if a.strip()]
+    families = args.families.split(",") if args.families else FAMILIES
+    out = Path(args.out)
+    cache_dir = out / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    manifest = {"manifest_version": MANIFEST_VERSION, "triton_version": triton.__version__,
+                "archs": [f"sm_{a}" for a in archs], "ops": {}}
+    jobs, todo = [], []
+    for family in families:
+        for spec in _family_specs(family):
+            entry = spec.manifest_entry()
+            entry["family"] = family
+            entry["variants"] = {}
+            manifest["ops"][spec.name] = entry
+            for arch in archs:
+                vlist = entry["variants"].setdefault(f"sm_{arch}", [])
+                for v in spec.variants():
+                    key = _cache_key(family, arch, spec.name, v, triton.__version__)
+                    vlist.append(dict(v, cache_key=key, cubin=f"sm_{arch}/{spec.name}.{v['key']}.cubin"))
+                    job = (family, spec.name, v, arch, cache_dir, key)
+                    jobs.append((job, vlist[-1]))
+                    if not ((cache_dir / f"{key}.cubin").exists() and (cache_dir / f"{key}.json").exists()):
+                        todo.append(job)
+
+    start = time.time()
+    failures = []
+    print(f"compile_kernels: {len(jobs)} variants for {', '.join(manifest['archs'])}, "
+          f"{len(jobs) - len(todo)} cached, compiling {len(todo)} on {args.jobs} processes", file=sys.stderr)
+    if todo:
+        with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {pool.submit(_compile_one, job): job for job in todo}
+            for i, fut in enumerate(cf.as_completed(futures), 1):
+                job = futures[fut]
+                try:
+                    fut.result()
+                except Exception:
+                    failures.append((job, traceback.format_exc()))
+                _progress(i, len(todo), len(failures), start)
+        print(file=sys.stderr)
+    if failures:
+        for (family, op, v, arch, _, _), tb in failures:
+            print(f"\ncompile_kernels: FAILED {family}.{op} variant {v['key']} for sm_{arch}:\n{tb}", file=sys.stderr)
+        names = sorted({f"{f}.{o}[{v['key']}] sm_{a}" for (f, o, v, a, _, _), _ in failures})
+        sys.exit(f"compile_kernels: {len(failures)} variant(s) failed: {', '.join(names[:10])}")
+
+    for arch in archs:
+        d = out / f"sm_{arch}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    for job, ventry in jobs:
+        key = ventry["cache_key"]
+        ventry.update(json.loads((cache_dir / f"{key}.json").read_text()))
+        shutil.copyfile(cache_dir / f"{key}.cubin", out / ventry["cubin"])
+        del ventry["signature"], ventry["options"]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    print(f"compile_kernels: wrote {len(jobs)} cubins and {out / 'manifest.json'} in {time.time() - start:.1f}s",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The variant spec: how a Triton kernel becomes a torch op served from precompiled cubins.
+
+A family module in triton_src/ declares `SPECS`, a list of OpSpec. An OpSpec names the op's
+arguments with symbolic shapes ("B T H K"), its outputs, the compile-time axes to expand (dtype of a
+tensor, a bucket of a head dim, a bool flag), the launch config of each variant and the grid.
+`tools/compile_kernels.py` expands the axes into variants, compiles each, and writes `manifest_entry()`
+plus per-variant metadata into manifest.json, which is all the C++ dispatcher reads at run time.
+
+Kernel parameters are bound by name: a tensor argument or output passes its data pointer, `<tensor>_dtype`
+passes a dtype code (0 when the tensor is absent), a shape symbol passes its value, a Float/Bool argument
+its value; constexpr parameters come from the variant.
+"""
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+TRITON_VERSION = "3.6.0"  # the one Triton the build accepts; recorded in the manifest
+
+# The run-time dtype codes kernels receive in `<tensor>_dtype` parameters (0 = tensor absent).
+DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3, "int64": 4, "int32": 5}
+TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32"}
+
+
+def _parse_shape(shape: str):
+    """"B T H K" -> [("B", 0), ...]; "N+1" -> [("N", 1)]."""
+    dims = []
+    for tok in shape.split():
+        m = re.fullmatch(r"([A-Za-z_]\w*)(?:\+(\d+))?", tok)
+        if not m:
+            raise ValueError(f"bad shape token {tok!r} in {shape!r}")
+        dims.append((m.group(1), int(m.group(2) or 0)))
+    return dims
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: str
+    dtypes: Optional[list] = None          # allowed dtypes; more than one without an axis = run-time dtype code
+    same_dtype_as: Optional[str] = None    # must match that tensor's dtype
+    optional: bool = False
+    transposed_if: Optional[str] = None    # Bool argument that swaps the last two dims
+    varlen: bool = False                   # cu_seqlens-like: when given, B must be 1
+
+
+@dataclass
+class Float:
+    name: str
+
+
+@dataclass
+class Bool:
+    name: str
+
+
+@dataclass
+class Output:
+    name: str
+    shape: str
+    dtype_of: Optional[str] = None         # same dtype as this input tensor
+    dtype: Optional[str] = None            # or a fixed dtype
+    when: Optional[str] = None             # Bool argument that asks for this output (else an empty tensor)
+    transposed_if: Optional[str] = None
+
+
+@dataclass
+class DtypeAxis:
+    tensor: str                            # one variant per allowed dtype of this tensor
+
+
+@dataclass
+class BucketAxis:
+    constexpr: str                         # e.g. BK
+    symbol: str                            # e.g. K: the smallest bucket >= K is used
+    buckets: list
+
+
+@dataclass
+class BoolAxis:
+    constexpr: str
+    arg: str
+
+
+@dataclass
+class OpSpec:
+    name: str
+    kernel: object                         # a triton.jit function
+    args: list
+    outputs: list
+    axes: list
+    launch_config: Callable                # constexprs of the axes -> dict(extra constexprs, num_warps, num_stages)
+    grid: list                             # up to 3 strings: products of symbols and cdiv(symbol, CONSTEXPR)
+    doc: str = ""
+    divisible: list = field(default_factory=list)      # (a, b): symbol a must be a multiple of symbol b
+    symbol_defaults: dict = field(default_factory=lambda: {"N": "B"})  # unbound symbol -> symbol
+
+    # ---- lookups -------------------------------------------------------------------------
+    def arg_index(self, name):
+        for i, a in enumerate(self.args):
+            if a.name == name:
+                return i
+        raise KeyError(f"{self.name}: no argument named {name!r}")
+
+    def tensor(self, name):
+        a = self.args[self.arg_index(name)]
+        assert isinstance(a, Tensor), name
+        return a
+
+    def symbols(self):
+        seen = []
+        for t in [a for a in self.args if isinstance(a, Tensor)] + self.outputs:
+            for s, _ in _parse_shape(t.shape):
+                if s not in seen:
+                    seen.append(s)
+        return seen
+
+    def allowed_dtypes(self, t: Tensor):
+        return self.allowed_dtypes(self.tensor(t.same_dtype_as)) if t.same_dtype_as else t.dtypes
+
+    def _dtype_axis_of(self, name):
+        """The DtypeAxis tensor that fixes `name`'s dtype at compile time, or None."""
+        root = name
+        while True:
+            t = self.tensor(root)
+            if t.same_dtype_as is None:
+                break
+            root = t.same_dtype_as
+        return root if any(isinstance(a, DtypeAxis) and a.tensor == root for a in self.axes) else None
+
+    # ---- variants --------------------------------------------------------------------------
+    def variants(self):
+        """Every combination of the axes: (key, constexprs, signature, launch options, guards, grid)."""
+        choices = []
+        for ax in self.axes:
+            if isinstance(ax, DtypeAxis):
+                choices.append([(ax, d) for d in self.tensor(ax.tensor).dtypes])
+            elif isinstance(ax, BucketAxis):
+                choices.append([(ax, b) for b in ax.buckets])
+            else:
+                choices.append([(ax, v) for v in (False, True)])
+        out = []
+        for combo in itertools.product(*choices):
+            constexprs, guards, dtypes, key = {}, [], {}, []
+            for ax, val in combo:
+                if isinstance(ax, DtypeAxis):
+                    dtypes[ax.tensor] = val
+                    guards.append({"kind": "dtype", "arg": self.arg_index(ax.tensor), "dtype": val})
+                    key.append(TRITON_TYPES[val])
+                elif isinstance(ax, BucketAxis):
+                    constexprs[ax.constexpr] = val
+                    guards.append({"kind": "max", "symbol": self.symbols().index(ax.symbol), "value": val})
+                    key.append(f"{ax.constexpr}{val}")
+                else:
+                    constexprs[ax.constexpr] = val
+                    guards.append({"kind": "bool", "arg": self.arg_index(ax.arg), "value": val})
+                    key.append(f"{ax.constexpr}{int(val)}")
+            cfg = dict(self.launch_config(**constexprs))
+            options = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 1)}
+            constexprs.update(cfg)
+            out.append({
+                "key": "_".join(key),
+                "constexprs": constexprs,
+                "signature": self._signature(dtypes, constexprs),
+                "options": options,
+                "guards": guards,
+                "grid": self._grid(constexprs),
+            })
+        return out
+
+    def _pointer_type(self, name, dtypes):
+        t = self.tensor(name)
+        axis = self._dtype_axis_of(name)
+        if axis is not None:
+            return "*" + TRITON_TYPES[dtypes[axis]]
+        allowed = self.allowed_dtypes(t)
+        # several dtypes without an axis: the kernel casts the pointer by its run-time dtype code
+        return "*" + TRITON_TYPES[allowed[0] if len(allowed) == 1 else "float32"]
+
+    def _signature(self, dtypes, constexprs):
+        sig = {}
+        for name in self.kernel.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+                continue
+            kind = self.param(name)["kind"]
+            if kind == "tensor":
+                sig[name] = self._pointer_type(name, dtypes)
+            elif kind == "output":
+                o = self.outputs[self.param(name)["index"]]
+                sig[name] = self._pointer_type(o.dtype_of, dtypes) if o.dtype_of else "*" + TRITON_TYPES[o.dtype]
+            elif kind == "float":
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        return sig
+
+    def _grid(self, constexprs):
+        grid = []
+        for expr in self.grid:
+            factors = []
+            for f in expr.split("*"):
+                f = f.strip()
+                m = re.fullmatch(r"cdiv\(\s*(\w+)\s*,\s*(\w+)\s*\)", f)
+                sym, div = (m.group(1), m.group(2)) if m else (f, 1)
+                div = constexprs[div] if isinstance(div, str) and not div.isdigit() else int(div)
+                factors.append([self.symbols().index(sym), div])
+            grid.append(factors)
+        return grid + [[]] * (3 - len(grid))
+
+    # ---- binding kernel parameters ------------------------------------------------------------
+    def param(self, name):
+        """How the dispatcher fills the kernel parameter `name` (a non-constexpr one)."""
+        names = [a.name for a in self.args]
+        outs = [o.name for o in self.outputs]
+        if name in names:
+            a = self.args[names.index(name)]
+            kind = {Tensor: "tensor", Float: "float", Bool: "bool"}[type(a)]
+            return {"kind": kind, "index": names.index(name)}
+        if name in outs:
+            return {"kind": "output", "index": outs.index(name)}
+        if name.endswith("_dtype") and name[:-6] in names:
+            return {"kind": "dtype_code", "index": names.index(name[:-6])}
+        if name in self.symbols():
+            return {"kind": "symbol", "index": self.symbols().index(name)}
+        raise ValueError(f"{self.name}: kernel parameter {name!r} matches no argument, output, "
+                         f"'<tensor>_dtype' code or shape symbol")
+
+    def params(self, constexpr_names):
+        return [dict(self.param(n), name=n) for n in self.kernel.arg_names if n not in constexpr_names]
+
+    def manifest_entry(self):
+        syms = self.symbols()
+        idx = self.arg_index
+
+        def shape(s):
+            return [[syms.index(n), off] for n, off in _parse_shape(s)]
+
+        args = []
+        for a in self.args:
+            if isinstance(a, Tensor):
+                args.append({
+                    "name": a.name, "kind": "tensor", "optional": a.optional,
+                    "dtypes": self.allowed_dtypes(a), "same_dtype_as": idx(a.same_dtype_as) if a.same_dtype_as else -1,
+                    "shape": shape(a.shape), "transposed_if": idx(a.transposed_if) if a.transposed_if else -1,
+                    "varlen": a.varlen,
+                })
+            else:
+                args.append({"name": a.name, "kind": "float" if isinstance(a, Float) else "bool"})
+        outputs = [{
+            "name": o.name, "shape": shape(o.shape),
+            "dtype_of": idx(o.dtype_of) if o.dtype_of else -1, "dtype": o.dtype or "",
+            "when": idx(o.when) if o.when else -1,
+            "transposed_if": idx(o.transposed_if) if o.transposed_if else -1,
+        } for o in self.outputs]
+        constexpr_names = {p for p in self.kernel.arg_names
+                           if self.kernel.params[self.kernel.arg_names.index(p)].is_constexpr}
+        return {
+            "name": self.name, "doc": self.doc, "args": args, "outputs": outputs, "symbols": syms,
+            "symbol_defaults": [[syms.index(a), syms.index(b)] for a, b in self.symbol_defaults.items() if a in syms],
+            "divisible": [[syms.index(a), syms.index(b)] for a, b in self.divisible],
+            "params": self.params(constexpr_names),
+            "dtype_codes": DTYPE_CODES,
+        }

@@ -1,0 +1,160 @@
+"""Recurrent (token-by-token) forms of the gated linear-attention family and the (gated) delta rule.
+
+One kernel serves every fused_recurrent op: per head it keeps the state S [K, V] in registers and for
+each token t (row vectors q_t, k_t in R^K, v_t in R^V):
+
+    S = exp(g_t) * exp(g_gamma) * diag(exp(gk_t)) @ S @ diag(exp(gv_t))     (each factor when given)
+    S = S + k_t^T v_t                                  linear family
+    S = S + k_t^T (beta_t * (v_t - k_t @ S))           delta rule (DELTA_RULE)
+    o_t = scale * q_t @ S
+
+A program owns one (sequence, value head) pair and a BV-wide slice of V. Head dims K and V are run-time
+values masked inside a BK-wide block; gates and beta may be float32, bfloat16 or float16, chosen by a
+run-time dtype code (0 = absent), so the dtype of q/k/v, the K bucket and two layout/algorithm flags are
+the only compile-time axes.
+"""
+import triton
+import triton.language as tl
+
+from tools.kernel_spec import Bool, BoolAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, dtype_code, other):
+    # dtype codes follow fla_aot's manifest: 1 float32, 2 bfloat16, 3 float16 (0 = absent, masked off).
+    if dtype_code == 2:
+        x = tl.load(ptr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=other).to(tl.float32)
+    elif dtype_code == 3:
+        x = tl.load(ptr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=other).to(tl.float32)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=other)
+    return x
+
+
+@triton.jit
+def fused_recurrent_fwd_kernel(
+    q, k, v, g, g_gamma, gk, gv, beta, initial_state, cu_seqlens,
+    o, final_state,
+    g_dtype, g_gamma_dtype, gk_dtype, gv_dtype, beta_dtype, initial_state_dtype, cu_seqlens_dtype,
+    scale, T, H, HV, K, V,
+    output_final_state, reverse, use_qk_l2norm, beta_sigmoid, allow_neg_eigval,
+    BK: tl.constexpr, BV: tl.constexpr, STATE_V_FIRST: tl.constexpr, DELTA_RULE: tl.constexpr,
+):
+    i_nh = tl.program_id(0)  # (sequence, value head) on x: the only grid dim allowed past 65535
+    i_v = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)  # grouped value heads: HV / H value heads share one q/k head
+
+    if cu_seqlens_dtype != 0:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    seq_len = (eos - bos).to(tl.int32)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_v = o_v < V
+    mask_h = mask_k[:, None] & mask_v[None, :]
+    if STATE_V_FIRST:
+        o_state = o_v[None, :] * K + o_k[:, None]
+    else:
+        o_state = o_k[:, None] * V + o_v[None, :]
+    state_base = i_nh.to(tl.int64) * K * V
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if initial_state_dtype != 0:
+        b_h += tl.load(initial_state + state_base + o_state, mask=mask_h, other=0.)
+    b_decay_gamma = tl.exp(_load_f32(g_gamma, i_hv, g_gamma_dtype != 0, g_gamma_dtype, 0.))
+
+    for i_t in range(0, seq_len):
+        t = bos + i_t
+        if reverse != 0:
+            t = eos - 1 - i_t
+        off_qk = (t * H + i_h) * K
+        off_v = (t * HV + i_hv) * V
+        off_g = t * HV + i_hv
+
+        b_q = tl.load(q + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+        b_k = tl.load(k + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + off_v + o_v, mask=mask_v, other=0.).to(tl.float32)
+        if use_qk_l2norm != 0:
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+        b_q = b_q * scale
+
+        if g_dtype != 0:
+            b_h *= tl.exp(_load_f32(g, off_g, True, g_dtype, 0.))
+        if g_gamma_dtype != 0:
+            b_h *= b_decay_gamma
+        if gk_dtype != 0:
+            b_h *= tl.exp(_load_f32(gk, off_g * K + o_k, mask_k, gk_dtype, 0.))[:, None]
+        if gv_dtype != 0:
+            b_h *= tl.exp(_load_f32(gv, off_v + o_v, mask_v, gv_dtype, 0.))[None, :]
+        if DELTA_RULE:
+            b_beta = _load_f32(beta, off_g, beta_dtype != 0, beta_dtype, 1.)
+            if beta_sigmoid != 0:
+                b_beta = tl.sigmoid(b_beta)
+            if allow_neg_eigval != 0:
+                b_beta = b_beta * 2.
+            b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
+        b_h += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], 0)
+        tl.store(o + off_v + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
+
+    if output_final_state != 0:
+        tl.store(final_state + state_base + o_state, b_h, mask=mask_h)
+
+
+def _launch_config(BK, **_):
+    # Registers hold a BK x BV float32 tile; keep it near 32 values per thread.
+    BV = 32 if BK <= 128 else 16
+    num_warps = {16: 1, 32: 1, 64: 2, 128: 4, 256: 4}[BK]
+    return dict(BV=BV, num_warps=num_warps, num_stages=1)
+
+
+FLOAT_DTYPES = ["float16", "bfloat16", "float32"]
+
+SPECS = [
+    OpSpec(
+        name="fused_recurrent_fwd",
+        kernel=fused_recurrent_fwd_kernel,
+        doc="Forward of every fused_recurrent op: gated linear attention family and (gated) delta rule.",
+        args=[
+            Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("k", "B T H K", same_dtype_as="q"),
+            Tensor("v", "B T HV V", same_dtype_as="q"),
+            Tensor("g", "B T HV", optional=True, dtypes=FLOAT_DTYPES),
+            Tensor("g_gamma", "HV", optional=True, dtypes=["float32"]),
+            Tensor("gk", "B T HV K", optional=True, dtypes=FLOAT_DTYPES),
+            Tensor("gv", "B T HV V", optional=True, dtypes=FLOAT_DTYPES),
+            Tensor("beta", "B T HV", optional=True, dtypes=FLOAT_DTYPES),
+            Tensor("initial_state", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
+            Tensor("cu_seqlens", "N+1", optional=True, dtypes=["int64"], varlen=True),
+            Float("scale"),
+            Bool("output_final_state"),
+            Bool("reverse"),
+            Bool("use_qk_l2norm"),
+            Bool("beta_sigmoid"),
+            Bool("allow_neg_eigval"),
+            Bool("state_v_first"),
+            Bool("delta_rule"),
+        ],
+        outputs=[
+            Output("o", "B T HV V", dtype_of="v"),
+            Output("final_state", "N HV K V", dtype="float32", when="output_final_state", transposed_if="state_v_first"),
+        ],
+        divisible=[("HV", "H")],
+        axes=[
+            DtypeAxis("q"),
+            BucketAxis("BK", "K", [16, 32, 64, 128, 256]),
+            BoolAxis("STATE_V_FIRST", "state_v_first"),
+            BoolAxis("DELTA_RULE", "delta_rule"),
+        ],
+        launch_config=_launch_config,
+        grid=["N * HV", "cdiv(V, BV)"],
+    ),
+]
