@@ -13,7 +13,7 @@ c10::ScalarType dtype_from_name(const std::string& name) {
       {"int64", c10::kLong},    {"int32", c10::kInt},
   };
   auto it = names.find(name);
-  TORCH_CHECK(it != names.end(), "fla_aot manifest: unknown dtype ", name);
+  TORCH_CHECK(it != names.end(), "fla_aot manifest: unknown dtype " + name);
   return it->second;
 }
 
@@ -49,7 +49,7 @@ std::unique_ptr<Variant> variant_from(const py::dict& v) {
     } else if (kind == "bool") {
       guard = {GuardKind::Bool, gd["arg"].cast<int>(), {}, gd["value"].cast<bool>() ? 1 : 0};
     } else {
-      TORCH_CHECK(false, "fla_aot manifest: unknown guard kind ", kind);
+      TORCH_CHECK(false, "fla_aot manifest: unknown guard kind " + kind);
     }
     out->guards.push_back(guard);
   }

@@ -1,4 +1,5 @@
 #include "cuda_driver.h"
+#include "message.h"
 
 #include <dlfcn.h>
 
@@ -11,12 +12,12 @@ namespace {
 template <typename Fn>
 void resolve(void* lib, const char* name, Fn& fn) {
   fn = reinterpret_cast<Fn>(dlsym(lib, name));
-  TORCH_CHECK(fn != nullptr, "fla_aot: libcuda.so.1 has no symbol ", name);
+  TORCH_CHECK(fn != nullptr, cat("fla_aot: libcuda.so.1 has no symbol ", name));
 }
 
 CudaDriver load_driver() {
   void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-  TORCH_CHECK(lib != nullptr, "fla_aot: cannot load the CUDA driver (libcuda.so.1): ", dlerror());
+  TORCH_CHECK(lib != nullptr, cat("fla_aot: cannot load the CUDA driver (libcuda.so.1): ", dlerror()));
   CudaDriver d{};
   resolve(lib, "cuGetErrorString", d.cuGetErrorString);
   resolve(lib, "cuModuleLoadData", d.cuModuleLoadData);
@@ -38,7 +39,7 @@ void check_cu(CUresult result, const char* what) {
   if (result == CUDA_SUCCESS) return;
   const char* msg = nullptr;
   driver().cuGetErrorString(result, &msg);
-  TORCH_CHECK(false, "fla_aot: ", what, " failed: ", msg ? msg : "unknown CUDA driver error", " (", int(result), ")");
+  TORCH_CHECK(false, cat("fla_aot: ", what, " failed: ", msg ? msg : "unknown CUDA driver error", " (", int(result), ")"));
 }
 
 }  // namespace fla_aot

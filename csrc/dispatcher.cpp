@@ -1,7 +1,6 @@
 #include "dispatcher.h"
 
 #include <fstream>
-#include <sstream>
 #include <unordered_map>
 
 #include <ATen/ATen.h>
@@ -10,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cuda_driver.h"
+#include "message.h"
 
 namespace fla_aot {
 
@@ -20,13 +20,6 @@ std::unordered_map<std::string, std::unique_ptr<OpPlan>>& plans() {
   return p;
 }
 
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < sizes.size(); ++i) s << (i ? ", " : "") << sizes[i];
-  return s.str() + "]";
-}
-
 // The shape an argument or output must have, after its optional transpose of the last two dims.
 std::vector<Dim> effective_shape(const std::vector<Dim>& shape, int transposed_if, c10::ArrayRef<c10::IValue> args) {
   std::vector<Dim> dims = shape;
@@ -35,14 +28,13 @@ std::vector<Dim> effective_shape(const std::vector<Dim>& shape, int transposed_i
 }
 
 std::string expected_str(const OpPlan& plan, const std::vector<Dim>& dims, const std::vector<int64_t>& sym) {
-  std::ostringstream s;
-  s << "[";
+  std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) {
-    s << (i ? ", " : "") << plan.symbols[dims[i].symbol];
-    if (dims[i].offset) s << "+" << dims[i].offset;
-    if (sym[dims[i].symbol] >= 0) s << "=" << sym[dims[i].symbol] + dims[i].offset;
+    s += (i ? ", " : "") + plan.symbols[dims[i].symbol];
+    if (dims[i].offset) s += "+" + std::to_string(dims[i].offset);
+    if (sym[dims[i].symbol] >= 0) s += "=" + std::to_string(sym[dims[i].symbol] + dims[i].offset);
   }
-  return s.str() + "]";
+  return s + "]";
 }
 
 // Binds shape symbols from the present tensors; every mismatch is a ValueError naming the argument.
@@ -54,17 +46,17 @@ std::vector<int64_t> bind_symbols(const OpPlan& plan, c10::ArrayRef<c10::IValue>
     if (a.kind != ArgKind::Tensor || !tensors[i].defined()) continue;
     auto dims = effective_shape(a.shape, a.transposed_if, args);
     auto sizes = tensors[i].sizes();
-    TORCH_CHECK_VALUE(sizes.size() == dims.size(), op, ": ", a.name, " must have ", dims.size(), " dims ",
-                      expected_str(plan, dims, sym), ", got shape ", shape_str(sizes));
+    TORCH_CHECK_VALUE(sizes.size() == dims.size(), cat(op, ": ", a.name, " must have ", dims.size(), " dims ",
+                      expected_str(plan, dims, sym), ", got shape ", shape_text(sizes)));
     for (size_t d = 0; d < dims.size(); ++d) {
       int64_t& v = sym[dims[d].symbol];
       if (v < 0) {
-        TORCH_CHECK_VALUE(sizes[d] - dims[d].offset >= 0, op, ": ", a.name, " has shape ", shape_str(sizes),
-                          ", expected ", expected_str(plan, dims, sym));
+        TORCH_CHECK_VALUE(sizes[d] - dims[d].offset >= 0, cat(op, ": ", a.name, " has shape ", shape_text(sizes),
+                          ", expected ", expected_str(plan, dims, sym)));
         v = sizes[d] - dims[d].offset;
       } else {
-        TORCH_CHECK_VALUE(sizes[d] == v + dims[d].offset, op, ": ", a.name, " must have shape ",
-                          expected_str(plan, dims, sym), ", got ", shape_str(sizes));
+        TORCH_CHECK_VALUE(sizes[d] == v + dims[d].offset, cat(op, ": ", a.name, " must have shape ",
+                          expected_str(plan, dims, sym), ", got ", shape_text(sizes)));
       }
     }
   }
@@ -73,30 +65,28 @@ std::vector<int64_t> bind_symbols(const OpPlan& plan, c10::ArrayRef<c10::IValue>
   for (size_t i = 0; i < plan.args.size(); ++i) {
     if (!plan.args[i].varlen || !tensors[i].defined()) continue;
     int b = std::find(plan.symbols.begin(), plan.symbols.end(), "B") - plan.symbols.begin();
-    TORCH_CHECK_VALUE(b == (int)plan.symbols.size() || sym[b] == 1, op, ": with ", plan.args[i].name,
-                      " the batch size B must be 1 (sequences are packed along T), got B=", sym[b]);
+    TORCH_CHECK_VALUE(b == (int)plan.symbols.size() || sym[b] == 1, cat(op, ": with ", plan.args[i].name,
+                      " the batch size B must be 1 (sequences are packed along T), got B=", sym[b]));
   }
   for (auto [a, b] : plan.divisible)
-    TORCH_CHECK_VALUE(sym[b] > 0 && sym[a] % sym[b] == 0, op, ": ", plan.symbols[a], "=", sym[a],
-                      " must be a multiple of ", plan.symbols[b], "=", sym[b]);
+    TORCH_CHECK_VALUE(sym[b] > 0 && sym[a] % sym[b] == 0, cat(op, ": ", plan.symbols[a], "=", sym[a],
+                      " must be a multiple of ", plan.symbols[b], "=", sym[b]));
   for (size_t s = 0; s < sym.size(); ++s)
-    TORCH_CHECK_VALUE(sym[s] <= std::numeric_limits<int32_t>::max(), op, ": ", plan.symbols[s], "=", sym[s],
-                      " exceeds the kernels' 32-bit sizes");
+    TORCH_CHECK_VALUE(sym[s] <= std::numeric_limits<int32_t>::max(), cat(op, ": ", plan.symbols[s], "=", sym[s],
+                      " exceeds the kernels' 32-bit sizes"));
   return sym;
 }
 
 std::string describe_request(const OpPlan& plan, const ArchVariants& arch, c10::ArrayRef<c10::IValue> args,
                              const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& sym) {
-  std::ostringstream s;
-  bool first = true;
+  std::string s;
   for (const Guard& g : arch.variants.front()->guards) {
-    s << (first ? "" : ", ");
-    first = false;
-    if (g.kind == GuardKind::Dtype) s << plan.args[g.index].name << " dtype=" << tensors[g.index].scalar_type();
-    if (g.kind == GuardKind::Max) s << plan.symbols[g.index] << "=" << sym[g.index];
-    if (g.kind == GuardKind::Bool) s << plan.args[g.index].name << "=" << (args[g.index].toBool() ? "True" : "False");
+    if (!s.empty()) s += ", ";
+    if (g.kind == GuardKind::Dtype) s += cat(plan.args[g.index].name, " dtype=", tensors[g.index].scalar_type());
+    if (g.kind == GuardKind::Max) s += cat(plan.symbols[g.index], "=", sym[g.index]);
+    if (g.kind == GuardKind::Bool) s += cat(plan.args[g.index].name, "=", args[g.index].toBool() ? "True" : "False");
   }
-  return s.str();
+  return s;
 }
 
 struct ComputeCapability {
@@ -105,7 +95,7 @@ struct ComputeCapability {
 
 ComputeCapability compute_capability(int device) {
   static std::array<std::atomic<int>, kMaxDevices> cache{};  // major * 10 + minor, 0 = not read yet
-  TORCH_CHECK(device < kMaxDevices, "fla_aot: device index ", device, " exceeds ", kMaxDevices);
+  TORCH_CHECK(device < kMaxDevices, cat("fla_aot: device index ", device, " exceeds ", kMaxDevices));
   int cc = cache[device].load(std::memory_order_relaxed);
   if (cc == 0) {
     int major = 0, minor = 0;
@@ -124,11 +114,11 @@ const ArchVariants& arch_for_device(const OpPlan& plan, int device) {
   for (const auto& a : plan.archs)
     if (a.major == cc.major && a.minor <= cc.minor && (!best || a.minor > best->minor)) best = &a;
   if (!best) {
-    std::ostringstream have;
-    for (const auto& a : plan.archs) have << " sm_" << a.major << a.minor;
-    TORCH_CHECK_NOT_IMPLEMENTED(false, plan.name, ": fla_aot was built without kernels for this GPU (sm_", cc.major,
-                                cc.minor, "); compiled:", have.str(), ". Rebuild with `python tools/compile_kernels.py --arch ",
-                                cc.major, cc.minor, "` and reinstall.");
+    std::string have;
+    for (const auto& a : plan.archs) have += cat(" sm_", a.major, a.minor);
+    TORCH_CHECK_NOT_IMPLEMENTED(false, cat(plan.name, ": fla_aot was built without kernels for this GPU (sm_", cc.major,
+                                cc.minor, "); compiled:", have, ". Rebuild with `python tools/compile_kernels.py --arch ",
+                                cc.major, cc.minor, "` and reinstall."));
   }
   return *best;
 }
@@ -145,15 +135,15 @@ const Variant& pick_variant(const OpPlan& plan, const ArchVariants& arch, c10::A
     }
     if (ok) return *v;
   }
-  std::ostringstream have;
-  for (const auto& v : arch.variants) have << "\n  " << v->key;
-  TORCH_CHECK_NOT_IMPLEMENTED(false, plan.name, ": no compiled kernel variant for sm_", arch.major, arch.minor, " matches (",
-                              describe_request(plan, arch, args, tensors, sym), "). Compiled variants:", have.str());
+  std::string have;
+  for (const auto& v : arch.variants) have += "\n  " + v->key;
+  TORCH_CHECK_NOT_IMPLEMENTED(false, cat(plan.name, ": no compiled kernel variant for sm_", arch.major, arch.minor, " matches (",
+                              describe_request(plan, arch, args, tensors, sym), "). Compiled variants:", have));
 }
 
 CUfunction function_for_device(const Variant& cv, const std::string& kernels_dir, int device) {
   auto& v = const_cast<Variant&>(cv);
-  TORCH_CHECK(device < kMaxDevices, "fla_aot: device index ", device, " exceeds ", kMaxDevices);
+  TORCH_CHECK(device < kMaxDevices, cat("fla_aot: device index ", device, " exceeds ", kMaxDevices));
   void* fn = v.function[device].load(std::memory_order_acquire);
   if (fn) return static_cast<CUfunction>(fn);
   std::lock_guard<std::mutex> lock(v.load_mutex);
@@ -161,7 +151,7 @@ CUfunction function_for_device(const Variant& cv, const std::string& kernels_dir
   if (fn) return static_cast<CUfunction>(fn);
   std::string path = kernels_dir + "/" + v.cubin_path;
   std::ifstream file(path, std::ios::binary);
-  TORCH_CHECK(file, "fla_aot: cannot read kernel ", path, " (is the package installed completely?)");
+  TORCH_CHECK(file, cat("fla_aot: cannot read kernel ", path, " (is the package installed completely?)"));
   std::string image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   const CudaDriver& cu = driver();
   CUmodule module;  // owned by the primary context for the life of the process
@@ -186,28 +176,28 @@ void launch_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const Arg& a = plan.args[i];
     if (a.kind != ArgKind::Tensor) continue;
     if (args[i].isNone()) {
-      TORCH_CHECK_VALUE(a.optional, plan.name, ": ", a.name, " is required");
+      TORCH_CHECK_VALUE(a.optional, cat(plan.name, ": ", a.name, " is required"));
       continue;
     }
     const at::Tensor& t = args[i].toTensor();
     if (device.is_cpu()) device = t.device();
-    TORCH_CHECK_VALUE(t.device() == device, plan.name, ": ", a.name, " is on ", t.device(), ", expected ", device,
-                      " like ", plan.args[0].name);
+    TORCH_CHECK_VALUE(t.device() == device, cat(plan.name, ": ", a.name, " is on ", t.device(), ", expected ", device,
+                      " like ", plan.args[0].name));
     if (a.same_dtype_as >= 0) {
-      TORCH_CHECK_TYPE(t.scalar_type() == tensors[a.same_dtype_as].scalar_type(), plan.name, ": ", a.name, " has dtype ",
+      TORCH_CHECK_TYPE(t.scalar_type() == tensors[a.same_dtype_as].scalar_type(), cat(plan.name, ": ", a.name, " has dtype ",
                        t.scalar_type(), ", expected ", tensors[a.same_dtype_as].scalar_type(), " like ",
-                       plan.args[a.same_dtype_as].name);
+                       plan.args[a.same_dtype_as].name));
     } else if (!a.dtypes.empty()) {
       bool ok = std::find(a.dtypes.begin(), a.dtypes.end(), t.scalar_type()) != a.dtypes.end();
       if (!ok) {
-        std::ostringstream allowed;
-        for (auto d : a.dtypes) allowed << " " << d;
-        TORCH_CHECK_TYPE(false, plan.name, ": ", a.name, " has dtype ", t.scalar_type(), ", expected one of:", allowed.str());
+        std::string allowed;
+        for (auto d : a.dtypes) allowed += cat(" ", d);
+        TORCH_CHECK_TYPE(false, cat(plan.name, ": ", a.name, " has dtype ", t.scalar_type(), ", expected one of:", allowed));
       }
     }
     tensors[i] = t.contiguous();
   }
-  TORCH_CHECK_VALUE(device.is_cuda(), plan.name, ": expected CUDA tensors");
+  TORCH_CHECK_VALUE(device.is_cuda(), cat(plan.name, ": expected CUDA tensors"));
   std::vector<int64_t> sym = bind_symbols(plan, args, tensors);
 
   c10::cuda::CUDAGuard guard(device);
@@ -233,8 +223,8 @@ void launch_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     grid[d] = 1;
     for (auto [s, div] : v.grid[d]) grid[d] *= (sym[s] + div - 1) / div;
   }
-  TORCH_CHECK_VALUE(grid[0] <= std::numeric_limits<int32_t>::max() && grid[1] <= 65535 && grid[2] <= 65535, plan.name,
-                    ": launch grid (", grid[0], ", ", grid[1], ", ", grid[2], ") exceeds the CUDA limits");
+  TORCH_CHECK_VALUE(grid[0] <= std::numeric_limits<int32_t>::max() && grid[1] <= 65535 && grid[2] <= 65535, cat(plan.name,
+                    ": launch grid (", grid[0], ", ", grid[1], ", ", grid[2], ") exceeds the CUDA limits"));
 
   if (grid[0] * grid[1] * grid[2] > 0) {
     CUfunction fn = function_for_device(v, plan.kernels_dir, device.index());
