@@ -1,5 +1,6 @@
 // Python entry points of fla_aot._C: fla_aot/_registry.py hands each op of the manifest to
 // register_op at import; after that every launch stays in C++ (dispatcher.cpp).
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
 #include "dispatcher.h"
@@ -63,7 +64,7 @@ std::unique_ptr<Variant> variant_from(const py::dict& v) {
 }
 
 // `entry` is one op of manifest.json (see tools/kernel_spec.py: OpSpec.manifest_entry).
-void register_from_manifest(const py::dict& entry, const std::string& schema, const std::string& kernels_dir) {
+int register_from_manifest(const py::dict& entry, const std::string& schema, const std::string& kernels_dir) {
   auto plan = std::make_unique<OpPlan>();
   plan->name = "fla_aot::" + entry["name"].cast<std::string>();
   plan->kernels_dir = kernels_dir;
@@ -123,7 +124,39 @@ void register_from_manifest(const py::dict& entry, const std::string& schema, co
     for (auto v : item.second) arch.variants.push_back(variant_from(v.cast<py::dict>()));
     plan->archs.push_back(std::move(arch));
   }
-  register_op(std::move(plan), schema);
+  return register_op(std::move(plan), schema);
+}
+
+// The eager path: run_op straight from Python arguments, skipping the dispatcher's boxing (several
+// microseconds for ops of many arguments). Returns None, leaving the call to torch.ops, for anything
+// but plain tensors (subclasses such as fake tensors need the dispatcher).
+py::object launch(int index, const py::args& args) {
+  HANDLE_TH_ERRORS  // c10 errors become their Python exceptions (ValueError, TypeError, ...)
+  const OpPlan& plan = plan_at(index);
+  torch::jit::Stack stack;
+  stack.reserve(args.size());
+  for (const auto& a : args) {
+    PyObject* obj = a.ptr();
+    if (obj == Py_None) {
+      stack.emplace_back();
+    } else if (THPVariable_CheckExact(obj)) {
+      stack.emplace_back(THPVariable_Unpack(obj));
+    } else if (PyBool_Check(obj)) {
+      stack.emplace_back(obj == Py_True);
+    } else if (PyFloat_Check(obj)) {
+      stack.emplace_back(PyFloat_AS_DOUBLE(obj));
+    } else {
+      return py::none();
+    }
+  }
+  {
+    py::gil_scoped_release no_gil;
+    run_op(plan, &stack);
+  }
+  py::tuple out(stack.size());
+  for (size_t i = 0; i < stack.size(); ++i) out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(stack[i].toTensor()));
+  return out;
+  END_HANDLE_TH_ERRORS_PYBIND
 }
 
 }  // namespace
@@ -133,4 +166,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fla_aot's C++ dispatcher: launches precompiled Triton cubins for the ops of manifest.json";
   m.def("register_op", &fla_aot::register_from_manifest, py::arg("entry"), py::arg("schema"), py::arg("kernels_dir"));
   m.def("variant_keys", &fla_aot::variant_keys, py::arg("op"), py::arg("major"), py::arg("minor"));
+  m.def("launch", &fla_aot::launch, "Run a registered op eagerly from its arguments (see torch.ops.fla_aot)");
 }

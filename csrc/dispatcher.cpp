@@ -15,9 +15,16 @@ namespace fla_aot {
 
 namespace {
 
-std::unordered_map<std::string, std::unique_ptr<OpPlan>>& plans() {
-  static std::unordered_map<std::string, std::unique_ptr<OpPlan>> p;
+// Registered plans, never freed; looked up by qualified name (dispatcher path) or index (eager path).
+std::vector<std::unique_ptr<OpPlan>>& plans() {
+  static std::vector<std::unique_ptr<OpPlan>> p;
   return p;
+}
+
+const OpPlan& plan_named(const std::string& name) {
+  for (const auto& p : plans())
+    if (p->name == name) return *p;
+  TORCH_CHECK(false, "fla_aot: no op named " + name);
 }
 
 // The shape an argument or output must have, after its optional transpose of the last two dims.
@@ -164,9 +171,11 @@ CUfunction function_for_device(const Variant& cv, const std::string& kernels_dir
   return f;
 }
 
-void launch_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const OpPlan& plan = *plans().at(op.schema().name());
+}  // namespace
+
+void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
   const size_t n_args = plan.args.size();
+  TORCH_CHECK_VALUE(stack->size() >= n_args, cat(plan.name, ": expected ", n_args, " arguments, got ", stack->size()));
   auto args = torch::jit::last(*stack, n_args);
 
   // Gather tensors; everything must live on the device of the first tensor.
@@ -280,24 +289,37 @@ void launch_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   for (auto& o : outputs) torch::jit::push(*stack, std::move(o));
 }
 
+namespace {
+
+void launch_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  // The dispatcher gives no per-op payload, so find the plan by name (a handful of ops).
+  run_op(plan_named(op.schema().name()), stack);
+}
+
 }  // namespace
 
-void register_op(std::unique_ptr<OpPlan> plan, const std::string& schema) {
+int register_op(std::unique_ptr<OpPlan> plan, const std::string& schema) {
   static std::vector<std::unique_ptr<torch::Library>> libraries;
   std::string op_name = plan->name.substr(plan->name.find("::") + 2);
   auto def = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "fla_aot", std::nullopt, __FILE__, __LINE__);
   def->def(schema.c_str());
   auto impl = std::make_unique<torch::Library>(torch::Library::IMPL, "fla_aot", c10::DispatchKey::CUDA, __FILE__, __LINE__);
   std::string name = plan->name;
-  plans()[name] = std::move(plan);
+  plans().push_back(std::move(plan));
   impl->impl(op_name.c_str(), torch::CppFunction::makeFromBoxedFunction<&launch_boxed>());
   libraries.push_back(std::move(def));
   libraries.push_back(std::move(impl));
+  return static_cast<int>(plans().size()) - 1;
+}
+
+const OpPlan& plan_at(int index) {
+  TORCH_CHECK(index >= 0 && index < static_cast<int>(plans().size()), "fla_aot: bad op index");
+  return *plans()[index];
 }
 
 std::vector<std::string> variant_keys(const std::string& op, int major, int minor) {
   std::vector<std::string> keys;
-  for (const auto& a : plans().at(op)->archs)
+  for (const auto& a : plan_named(op).archs)
     if (a.major == major && a.minor == minor)
       for (const auto& v : a.variants) keys.push_back(v->key);
   return keys;

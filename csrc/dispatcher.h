@@ -3,13 +3,21 @@
 #include <memory>
 #include <string>
 
+#include <ATen/core/stack.h>
+
 #include "op_plan.h"
 
 namespace fla_aot {
 
-// Defines `schema` in the fla_aot namespace and serves its CUDA kernel from `plan`: validates the
-// arguments against the plan, picks the variant, allocates outputs and launches the cubin.
-void register_op(std::unique_ptr<OpPlan> plan, const std::string& schema);
+// Defines `schema` in the fla_aot namespace and serves its CUDA kernel from `plan` (see run_op).
+// Returns the op's index for plan_at.
+int register_op(std::unique_ptr<OpPlan> plan, const std::string& schema);
+
+const OpPlan& plan_at(int index);
+
+// Replaces the op's arguments on `stack` by its outputs: validates the arguments against the plan,
+// picks the variant, allocates the outputs and launches the cubin on the current stream.
+void run_op(const OpPlan& plan, torch::jit::Stack* stack);
 
 // Names of the variants compiled for the op on the given arch ("sm_90"), for error messages and tests.
 std::vector<std::string> variant_keys(const std::string& op, int major, int minor);

@@ -31,10 +31,21 @@ def _make_fake(entry):
     return fake
 
 
-def _register_all():
-    for entry in MANIFEST["ops"].values():
-        _C.register_op(entry, schema(entry), KERNELS_DIR)
-        torch.library.register_fake(f"fla_aot::{entry['name']}")(_make_fake(entry))
+def _register(entry):
+    """Registers one manifest op; returns the function the public ops call to run it on CUDA tensors."""
+    index = _C.register_op(entry, schema(entry), KERNELS_DIR)
+    torch.library.register_fake(f"fla_aot::{entry['name']}")(_make_fake(entry))
+    torch_op = getattr(torch.ops.fla_aot, entry["name"]).default
+    launch, is_compiling = _C.launch, torch.compiler.is_compiling
+
+    def run(*args):
+        # Eagerly, straight into C++ (a few microseconds less per call than the dispatcher); while
+        # torch.compile traces, and for tensor subclasses (launch returns None), through torch.ops.
+        out = None if is_compiling() else launch(index, *args)
+        return torch_op(*args) if out is None else out
+
+    run.__name__ = entry["name"]
+    return run
 
 
-_register_all()
+OPS = {name: _register(entry) for name, entry in MANIFEST["ops"].items()}

@@ -28,13 +28,18 @@ from tools.kernel_spec import TRITON_VERSION  # noqa: E402
 MANIFEST_VERSION = 1
 
 
+def _family_module(family):
+    """A family of triton_src/ by name, or any importable module with SPECS by dotted path."""
+    return importlib.import_module(family if "." in family else f"triton_src.{family}")
+
+
 def _family_specs(family):
-    return importlib.import_module(f"triton_src.{family}").SPECS
+    return _family_module(family).SPECS
 
 
 def _source_hash(family):
     h = hashlib.sha256()
-    for path in (ROOT / "triton_src" / f"{family}.py", ROOT / "tools" / "kernel_spec.py"):
+    for path in (Path(_family_module(family).__file__), ROOT / "tools" / "kernel_spec.py"):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -80,11 +85,13 @@ def _count_scratch_params(ptx, name, variant):
 
 
 def _progress(done, total, failed, start):
+    if not sys.stderr.isatty() and done not in (total, 1) and done % max(1, total // 10):
+        return  # in logs, about ten lines rather than one per variant
     width = 30
     filled = int(width * done / max(total, 1))
     bar = "#" * filled + "-" * (width - filled)
     msg = f"\r[{bar}] {done}/{total} variants  {time.time() - start:5.1f}s" + (f"  {failed} FAILED" if failed else "")
-    print(msg, end="", file=sys.stderr, flush=True)
+    print(msg if sys.stderr.isatty() else msg.lstrip("\r") + "\n", end="", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -92,7 +99,8 @@ def main(argv=None):
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
     p.add_argument("--out", default=str(ROOT / "build" / "kernels"), help="output folder")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles (default: all cores)")
-    p.add_argument("--families", default=None, help="comma-separated families (default: all in triton_src)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated families of triton_src, or dotted module paths (default: all of triton_src)")
     p.add_argument("--allow-other-triton", action="store_true",
                    help=f"compile with a Triton other than the pinned {TRITON_VERSION} (for experiments only)")
     args = p.parse_args(argv)

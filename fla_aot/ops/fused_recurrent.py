@@ -12,9 +12,10 @@ from fla_aot._manifest_rules import check_args
 from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, forward_only
 from fla_aot.reference import fused_recurrent_reference
 
-from fla_aot._registry import MANIFEST
+from fla_aot._registry import MANIFEST, OPS
 
 _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
+_run_fused_recurrent_fwd = OPS["fused_recurrent_fwd"]
 
 
 def _fused_recurrent(op, q, k, v, g=None, g_gamma=None, gk=None, gv=None, beta=None, scale=None,
@@ -31,7 +32,7 @@ def _fused_recurrent(op, q, k, v, g=None, g_gamma=None, gk=None, gv=None, beta=N
             bool(reverse), bool(use_qk_l2norm), bool(beta_sigmoid), bool(allow_neg_eigval), bool(state_v_first),
             bool(delta_rule))
     if q.is_cuda:
-        o, final_state = torch.ops.fla_aot.fused_recurrent_fwd(*args)
+        o, final_state = _run_fused_recurrent_fwd(*args)
     else:
         check_args(_ENTRY, args)
         o, final_state = fused_recurrent_reference(

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Times launch configs (BV, num_warps) of the fused_recurrent kernel on the GPU, through Triton's JIT.
+
+    python tools/tune_fused_recurrent.py [--out tuning.md]
+
+For decode (T=1) and a short prompt (T=64) of the gated delta rule and of GLA, bf16, H=16, at
+B=1 and B=32 and K=V in {64, 128, 256}; each candidate is timed with CUDA events (median of
+triton.testing.do_bench) over 4 rotating input sets, so the state is not served from L2. The
+winners per BK go into `_launch_config` in triton_src/fused_recurrent.py by hand.
+"""
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.kernel_spec import DTYPE_CODES  # noqa: E402
+from triton_src.fused_recurrent import fused_recurrent_fwd_kernel  # noqa: E402
+
+CODE = {torch.float32: DTYPE_CODES["float32"], torch.bfloat16: DTYPE_CODES["bfloat16"]}
+
+
+def make_set(B, T, H, K, V, delta):
+    d = dict(device="cuda")
+    s = dict(q=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d), k=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d),
+             v=torch.randn(B, T, H, V, dtype=torch.bfloat16, **d), h0=torch.randn(B, H, K, V, **d),
+             o=torch.empty(B, T, H, V, dtype=torch.bfloat16, **d), ht=torch.empty(B, H, K, V, **d))
+    if delta:
+        s["g"] = -torch.rand(B, T, H, **d)
+        s["beta"] = torch.rand(B, T, H, dtype=torch.bfloat16, **d)
+    else:
+        s["gk"] = -torch.rand(B, T, H, K, **d)
+    return s
+
+
+def launch(s, B, T, H, K, V, BV, num_warps, delta):
+    dummy = s["h0"]
+    g, gk, beta = s.get("g", dummy), s.get("gk", dummy), s.get("beta", dummy)
+    grid = (B * H, triton.cdiv(V, BV))
+    fused_recurrent_fwd_kernel[grid](
+        s["q"], s["k"], s["v"], g, dummy, gk, dummy, beta, s["h0"], dummy, s["o"], s["ht"],
+        CODE[torch.float32] if delta else 0, 0, 0 if delta else CODE[torch.float32], 0,
+        CODE[torch.bfloat16] if delta else 0, 1, 0,
+        K ** -0.5, T, H, H, K, V, 1, 0, int(delta), 0, 0,
+        BK=triton.next_power_of_2(K), BV=BV, STATE_V_FIRST=False, DELTA_RULE=delta,
+        num_warps=num_warps, num_stages=1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rows = ["| op | B | T | K=V | BV | warps | µs |", "|---|---|---|---|---|---|---|"]
+    best = {}
+    for delta, T, B, K in itertools.product([True, False], [1, 64], [1, 32], [64, 128, 256]):
+        H = 16
+        sets = [make_set(B, T, H, K, K, delta) for _ in range(4)]
+        results = []
+        for BV, w in itertools.product([8, 16, 32, 64], [1, 2, 4, 8]):
+            if K * BV // (32 * w) > 256 or BV > K:  # would spill: more than 256 state values per thread
+                continue
+            it = itertools.cycle(sets)
+            ms = triton.testing.do_bench(lambda: launch(next(it), B, T, H, K, K, BV, w, delta),
+                                         warmup=20, rep=100, return_mode="median")
+            results.append((ms * 1e3, BV, w))
+        results.sort()
+        name = "gated_delta_rule" if delta else "gla"
+        for us, BV, w in results[:3]:
+            rows.append(f"| {name} | {B} | {T} | {K} | {BV} | {w} | {us:.2f} |")
+        best[(name, B, T, K)] = results[0]
+        print(name, B, T, K, "best", results[:3], "worst", results[-1], flush=True)
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
