@@ -49,6 +49,8 @@ std::unique_ptr<Variant> variant_from(const py::dict& v) {
       guard = {GuardKind::Max, gd["symbol"].cast<int>(), {}, gd["value"].cast<int64_t>()};
     } else if (kind == "bool") {
       guard = {GuardKind::Bool, gd["arg"].cast<int>(), {}, gd["value"].cast<bool>() ? 1 : 0};
+    } else if (kind == "aligned") {
+      guard = {GuardKind::Aligned, -1, {}, gd["value"].cast<int64_t>(), gd["symbols"].cast<std::vector<int>>()};
     } else {
       TORCH_CHECK(false, "fla_aot manifest: unknown guard kind " + kind);
     }
@@ -149,10 +151,7 @@ py::object launch(int index, const py::args& args) {
       return py::none();
     }
   }
-  {
-    py::gil_scoped_release no_gil;
-    run_op(plan, &stack);
-  }
+  run_op(plan, &stack);  // a few microseconds: not worth releasing the GIL for
   py::tuple out(stack.size());
   for (size_t i = 0; i < stack.size(); ++i) out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(stack[i].toTensor()));
   return out;

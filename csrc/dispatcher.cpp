@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include <ATen/ATen.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -88,6 +89,7 @@ std::string describe_request(const OpPlan& plan, const ArchVariants& arch, c10::
                              const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& sym) {
   std::string s;
   for (const Guard& g : arch.variants.front()->guards) {
+    if (g.kind == GuardKind::Aligned) continue;  // alignment only chooses between variants
     if (!s.empty()) s += ", ";
     if (g.kind == GuardKind::Dtype) s += cat(plan.args[g.index].name, " dtype=", tensors[g.index].scalar_type());
     if (g.kind == GuardKind::Max) s += cat(plan.symbols[g.index], "=", sym[g.index]);
@@ -130,6 +132,16 @@ const ArchVariants& arch_for_device(const OpPlan& plan, int device) {
   return *best;
 }
 
+// The variant compiled with divisibility hints: its symbols are multiples of g.value and every
+// tensor starts on a 16-byte boundary (slices may not).
+bool aligned(const Guard& g, const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& sym) {
+  for (int s : g.symbols)
+    if (sym[s] % g.value != 0) return false;
+  for (const auto& t : tensors)
+    if (t.defined() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  return true;
+}
+
 const Variant& pick_variant(const OpPlan& plan, const ArchVariants& arch, c10::ArrayRef<c10::IValue> args,
                             const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& sym) {
   for (const auto& v : arch.variants) {
@@ -138,6 +150,7 @@ const Variant& pick_variant(const OpPlan& plan, const ArchVariants& arch, c10::A
       if (g.kind == GuardKind::Dtype) ok = tensors[g.index].scalar_type() == g.dtype;
       if (g.kind == GuardKind::Max) ok = sym[g.index] <= g.value;
       if (g.kind == GuardKind::Bool) ok = args[g.index].toBool() == (g.value != 0);
+      if (g.kind == GuardKind::Aligned) ok = aligned(g, tensors, sym);
       if (!ok) break;
     }
     if (ok) return *v;
@@ -204,7 +217,7 @@ void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
         TORCH_CHECK_TYPE(false, cat(plan.name, ": ", a.name, " has dtype ", t.scalar_type(), ", expected one of:", allowed));
       }
     }
-    tensors[i] = t.contiguous();
+    tensors[i] = t.is_contiguous() ? t : t.contiguous();  // contiguous() alone costs a dispatch
   }
   TORCH_CHECK_VALUE(device.is_cuda(), cat(plan.name, ": expected CUDA tensors"));
   std::vector<int64_t> sym = bind_symbols(plan, args, tensors);
@@ -217,14 +230,13 @@ void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
   outputs.reserve(plan.outputs.size());
   for (const Output& o : plan.outputs) {
     auto dtype = o.dtype_of >= 0 ? tensors[o.dtype_of].scalar_type() : o.dtype;
-    auto opts = at::TensorOptions().dtype(dtype).device(device);
-    if (o.when >= 0 && !args[o.when].toBool()) {
-      outputs.push_back(at::empty({0}, opts));
-      continue;
-    }
     std::vector<int64_t> sizes;
-    for (const Dim& d : effective_shape(o.shape, o.transposed_if, args)) sizes.push_back(sym[d.symbol] + d.offset);
-    outputs.push_back(at::empty(sizes, opts));
+    if (o.when >= 0 && !args[o.when].toBool())
+      sizes = {0};
+    else
+      for (const Dim& d : effective_shape(o.shape, o.transposed_if, args)) sizes.push_back(sym[d.symbol] + d.offset);
+    // empty_cuda skips the dispatcher that at::empty goes through: it matters at decode sizes.
+    outputs.emplace_back(at::detail::empty_cuda(sizes, dtype, device, std::nullopt));
   }
 
   int64_t grid[3];

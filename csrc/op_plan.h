@@ -50,13 +50,14 @@ struct Param {
   int index;
 };
 
-enum class GuardKind { Dtype, Max, Bool };
+enum class GuardKind { Dtype, Max, Bool, Aligned };
 
 struct Guard {
   GuardKind kind;
   int index;                // arg index (Dtype, Bool) or symbol index (Max)
   c10::ScalarType dtype{};  // Dtype
-  int64_t value = 0;        // Max bound or Bool value
+  int64_t value = 0;        // Max bound, Bool value or Aligned divisor
+  std::vector<int> symbols;  // Aligned: these symbols must be multiples of value (and pointers 16-byte aligned)
 };
 
 struct Variant {

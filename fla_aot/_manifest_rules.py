@@ -115,6 +115,10 @@ def _guard_ok(g, args, sym):
         return args[g["arg"]].dtype == DTYPES[g["dtype"]]
     if g["kind"] == "max":
         return sym[g["symbol"]] <= g["value"]
+    if g["kind"] == "aligned":
+        d = g["value"]
+        return (all(sym[s] % d == 0 for s in g["symbols"])
+                and all(x.data_ptr() % 16 == 0 for x in args if isinstance(x, torch.Tensor)))
     return bool(args[g["arg"]]) == g["value"]
 
 
@@ -125,6 +129,8 @@ def _describe(entry, guards, args, sym):
             parts.append(f"{entry['args'][g['arg']]['name']} dtype={args[g['arg']].dtype}")
         elif g["kind"] == "max":
             parts.append(f"{entry['symbols'][g['symbol']]}={sym[g['symbol']]}")
+        elif g["kind"] == "aligned":
+            continue
         else:
             parts.append(f"{entry['args'][g['arg']]['name']}={bool(args[g['arg']])}")
     return ", ".join(parts)

@@ -57,7 +57,8 @@ def _compile_one(job):
 
     family, op_name, variant, arch, cache_dir, key = job
     spec = next(s for s in _family_specs(family) if s.name == op_name)
-    src = ASTSource(spec.kernel, signature=variant["signature"], constexprs=variant["constexprs"])
+    attrs = {(int(i),): [["tt.divisibility", d]] for i, d in variant["attrs"].items()}
+    src = ASTSource(spec.kernel, signature=variant["signature"], constexprs=variant["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=variant["options"])
     md = compiled.metadata
     meta = {
@@ -166,7 +167,7 @@ def main(argv=None):
         key = ventry["cache_key"]
         ventry.update(json.loads((cache_dir / f"{key}.json").read_text()))
         shutil.copyfile(cache_dir / f"{key}.cubin", out / ventry["cubin"])
-        del ventry["signature"], ventry["options"]
+        del ventry["signature"], ventry["options"], ventry["attrs"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"compile_kernels: wrote {len(jobs)} cubins and {out / 'manifest.json'} in {time.time() - start:.1f}s",
           file=sys.stderr)

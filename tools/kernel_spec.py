@@ -83,6 +83,14 @@ class BoolAxis:
 
 
 @dataclass
+class AlignedAxis:
+    """Two variants: one compiled knowing every pointer is 16-byte aligned and `symbols` are multiples of
+    16 (vectorised loads, as Triton's JIT would specialise), used when that holds; one for the rest."""
+    symbols: list
+    divisor: int = 16
+
+
+@dataclass
 class OpSpec:
     name: str
     kernel: object                         # a triton.jit function
@@ -137,11 +145,13 @@ class OpSpec:
                 choices.append([(ax, d) for d in self.tensor(ax.tensor).dtypes])
             elif isinstance(ax, BucketAxis):
                 choices.append([(ax, b) for b in ax.buckets])
+            elif isinstance(ax, AlignedAxis):
+                choices.append([(ax, v) for v in (True, False)])  # aligned first: the first match wins
             else:
                 choices.append([(ax, v) for v in (False, True)])
         out = []
         for combo in itertools.product(*choices):
-            constexprs, guards, dtypes, key = {}, [], {}, []
+            constexprs, guards, dtypes, key, attrs = {}, [], {}, [], {}
             for ax, val in combo:
                 if isinstance(ax, DtypeAxis):
                     dtypes[ax.tensor] = val
@@ -151,6 +161,12 @@ class OpSpec:
                     constexprs[ax.constexpr] = val
                     guards.append({"kind": "max", "symbol": self.symbols().index(ax.symbol), "value": val})
                     key.append(f"{ax.constexpr}{val}")
+                elif isinstance(ax, AlignedAxis):
+                    key.append(f"A{ax.divisor if val else 1}")
+                    if val:
+                        syms = [self.symbols().index(s) for s in ax.symbols]
+                        guards.append({"kind": "aligned", "symbols": syms, "value": ax.divisor})
+                        attrs = self._divisibility(ax)
                 else:
                     constexprs[ax.constexpr] = val
                     guards.append({"kind": "bool", "arg": self.arg_index(ax.arg), "value": val})
@@ -162,6 +178,7 @@ class OpSpec:
                 "key": "_".join(key),
                 "constexprs": constexprs,
                 "signature": self._signature(dtypes, constexprs),
+                "attrs": attrs,
                 "options": options,
                 "guards": guards,
                 "grid": self._grid(constexprs),
@@ -194,6 +211,17 @@ class OpSpec:
             else:
                 sig[name] = "i32"
         return sig
+
+    def _divisibility(self, ax):
+        """Triton compile attrs: every pointer and the aligned symbols are multiples of ax.divisor."""
+        attrs = {}
+        for i, name in enumerate(self.kernel.arg_names):
+            if self.kernel.params[i].is_constexpr:
+                continue
+            kind = self.param(name)["kind"]
+            if kind in ("tensor", "output") or (kind == "symbol" and name in ax.symbols):
+                attrs[str(i)] = ax.divisor
+        return attrs
 
     def _grid(self, constexprs):
         grid = []

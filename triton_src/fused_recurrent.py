@@ -16,7 +16,7 @@ the only compile-time axes.
 import triton
 import triton.language as tl
 
-from tools.kernel_spec import Bool, BoolAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
+from tools.kernel_spec import AlignedAxis, Bool, BoolAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def _load_f32(ptr, offs, mask, dtype_code, other):
     elif dtype_code == 3:
         x = tl.load(ptr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=other).to(tl.float32)
     else:
-        x = tl.load(ptr + offs, mask=mask, other=other)
+        x = tl.load(ptr + offs, mask=mask, other=other).to(tl.float32)
     return x
 
 
@@ -153,6 +153,7 @@ SPECS = [
             BucketAxis("BK", "K", [16, 32, 64, 128, 256]),
             BoolAxis("STATE_V_FIRST", "state_v_first"),
             BoolAxis("DELTA_RULE", "delta_rule"),
+            AlignedAxis(["K", "V"]),
         ],
         launch_config=_launch_config,
         grid=["N * HV", "cdiv(V, BV)"],

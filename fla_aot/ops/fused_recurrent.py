@@ -18,19 +18,19 @@ _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
 _run_fused_recurrent_fwd = OPS["fused_recurrent_fwd"]
 
 
-def _fused_recurrent(op, q, k, v, g=None, g_gamma=None, gk=None, gv=None, beta=None, scale=None,
-                     initial_state=None, output_final_state=False, reverse=False, use_qk_l2norm=False,
-                     beta_sigmoid=False, allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
-                     delta_rule=False, cu_seqlens_cpu=None):
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise ValueError(f"{op}: q must be a tensor [B, T, H, K], got "
-                         f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state, output_final_state, reverse,
+                     use_qk_l2norm, beta_sigmoid, allow_neg_eigval, state_v_first, cu_seqlens, cu_seqlens_cpu,
+                     delta_rule):
+    # Positional and branch-light: this is the per-token path of decoding.
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"{op}: q must be a tensor [B, T, H, K], got {type(q).__name__}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    cu_seqlens = check_cu_seqlens(op, cu_seqlens, q.shape[1], cu_seqlens_cpu)
+    if cu_seqlens is not None:
+        cu_seqlens = check_cu_seqlens(op, cu_seqlens, q.shape[1] if q.dim() == 4 else -1, cu_seqlens_cpu)
     args = (q, k, v, g, g_gamma, gk, gv, beta, initial_state, cu_seqlens, float(scale), bool(output_final_state),
             bool(reverse), bool(use_qk_l2norm), bool(beta_sigmoid), bool(allow_neg_eigval), bool(state_v_first),
-            bool(delta_rule))
+            delta_rule)
     if q.is_cuda:
         o, final_state = _run_fused_recurrent_fwd(*args)
     else:
@@ -50,12 +50,12 @@ def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_
                                 normalize=False, cu_seqlens=None, **kwargs):
     """Linear attention, S_t = S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t. Returns (o, final_state)."""
     op = "fused_recurrent_linear_attn"
-    check_kwargs(op, kwargs)
+    if kwargs:
+        check_kwargs(op, kwargs)
     if normalize:
         raise NotImplementedError(f"{op}: normalize=True is not supported yet")
-    return _fused_recurrent(op, q, k, v, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens,
-                            cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    return _fused_recurrent(op, q, k, v, None, None, None, None, None, scale, initial_state, output_final_state,
+                            reverse, False, False, False, False, cu_seqlens, kwargs.get("cu_seqlens_cpu"), False)
 
 
 def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
@@ -64,12 +64,12 @@ def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initia
     """Simple GLA, S_t = exp(g_t) S_{t-1} + k_t^T v_t with a scalar gate g [B, T, H] and/or a per-head
     constant g_gamma [H] (log space, <= 0). Returns (o, final_state)."""
     op = "fused_recurrent_simple_gla"
-    check_kwargs(op, kwargs)
+    if kwargs:
+        check_kwargs(op, kwargs)
     if g_gamma is not None and g_gamma.dtype != torch.float32:
         g_gamma = g_gamma.float()
-    return _fused_recurrent(op, q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
-                            cu_seqlens=cu_seqlens, cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    return _fused_recurrent(op, q, k, v, g, g_gamma, None, None, None, scale, initial_state, output_final_state,
+                            reverse, False, False, False, state_v_first, cu_seqlens, kwargs.get("cu_seqlens_cpu"), False)
 
 
 _RETENTION_GAMMA = {}
@@ -88,13 +88,13 @@ def fused_recurrent_retention(q, k, v, scale=None, initial_state=None, output_fi
                               state_v_first=False, cu_seqlens=None, **kwargs):
     """Retention (RetNet): simple GLA with g_gamma[h] = log(1 - 2^(-5-h)). Returns (o, final_state)."""
     op = "fused_recurrent_retention"
-    check_kwargs(op, kwargs)
+    if kwargs:
+        check_kwargs(op, kwargs)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
-    return _fused_recurrent(op, q, k, v, g_gamma=retention_log_decay(q.shape[2], q.device), scale=scale,
-                            initial_state=initial_state, output_final_state=output_final_state, reverse=reverse,
-                            state_v_first=state_v_first, cu_seqlens=cu_seqlens,
-                            cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    return _fused_recurrent(op, q, k, v, None, retention_log_decay(q.shape[2], q.device), None, None, None, scale,
+                            initial_state, output_final_state, reverse, False, False, False, state_v_first,
+                            cu_seqlens, kwargs.get("cu_seqlens_cpu"), False)
 
 
 def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
@@ -102,10 +102,10 @@ def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=Non
     """Gated linear attention, S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t^T v_t with
     gk [B, T, H, K] and/or gv [B, T, H, V] in log space. Returns (o, final_state)."""
     op = "fused_recurrent_gla"
-    check_kwargs(op, kwargs)
-    return _fused_recurrent(op, q, k, v, gk=gk, gv=gv, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
-                            cu_seqlens=cu_seqlens, cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    if kwargs:
+        check_kwargs(op, kwargs)
+    return _fused_recurrent(op, q, k, v, None, None, gk, gv, None, scale, initial_state, output_final_state, reverse,
+                            False, False, False, state_v_first, cu_seqlens, kwargs.get("cu_seqlens_cpu"), False)
 
 
 def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
@@ -113,10 +113,11 @@ def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=Non
     """Delta rule, S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1}); beta [B, T, HV] defaults to ones.
     Returns (o, final_state)."""
     op = "fused_recurrent_delta_rule"
-    check_kwargs(op, kwargs)
-    return _fused_recurrent(op, q, k, v, beta=beta, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
-                            cu_seqlens=cu_seqlens, delta_rule=True, cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    if kwargs:
+        check_kwargs(op, kwargs)
+    return _fused_recurrent(op, q, k, v, None, None, None, None, beta, scale, initial_state, output_final_state,
+                            False, use_qk_l2norm_in_kernel, False, False, False, cu_seqlens,
+                            kwargs.get("cu_seqlens_cpu"), True)
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None,
@@ -129,13 +130,12 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=Non
     use_beta_sigmoid_in_kernel applies sigmoid to beta, allow_neg_eigval doubles it (range (0, 2)).
     Returns (o, final_state)."""
     op = "fused_recurrent_gated_delta_rule"
-    check_kwargs(op, kwargs)
+    if kwargs:
+        check_kwargs(op, kwargs)
     if use_gate_in_kernel or A_log is not None or dt_bias is not None:
         raise NotImplementedError(f"{op}: use_gate_in_kernel / A_log / dt_bias are not supported yet; "
                                   f"pass the gate g already computed")
-    return _fused_recurrent(op, q, k, v, g=g, gk=gk, gv=gv, beta=beta, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm_in_kernel,
-                            beta_sigmoid=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-                            state_v_first=state_v_first, cu_seqlens=cu_seqlens, delta_rule=True,
-                            cu_seqlens_cpu=kwargs.get("cu_seqlens_cpu"))
+    return _fused_recurrent(op, q, k, v, g, None, gk, gv, beta, scale, initial_state, output_final_state, False,
+                            use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first,
+                            cu_seqlens, kwargs.get("cu_seqlens_cpu"), True)
 
