@@ -44,13 +44,23 @@ std::unique_ptr<Variant> variant_from(const py::dict& v) {
     auto kind = gd["kind"].cast<std::string>();
     Guard guard{};
     if (kind == "dtype") {
-      guard = {GuardKind::Dtype, gd["arg"].cast<int>(), dtype_from_name(gd["dtype"].cast<std::string>()), 0};
-    } else if (kind == "max") {
-      guard = {GuardKind::Max, gd["symbol"].cast<int>(), {}, gd["value"].cast<int64_t>()};
+      guard.kind = GuardKind::Dtype;
+      guard.index = gd["arg"].cast<int>();
+      guard.dtype = dtype_from_name(gd["dtype"].cast<std::string>());
+    } else if (kind == "bucket") {
+      guard.kind = GuardKind::Bucket;
+      guard.index = gd["symbol"].cast<int>();
+      guard.above = gd["above"].cast<int64_t>();
+      guard.value = gd["value"].cast<int64_t>();
     } else if (kind == "bool") {
-      guard = {GuardKind::Bool, gd["arg"].cast<int>(), {}, gd["value"].cast<bool>() ? 1 : 0};
+      guard.kind = GuardKind::Bool;
+      guard.index = gd["arg"].cast<int>();
+      guard.value = gd["value"].cast<bool>() ? 1 : 0;
     } else if (kind == "aligned") {
-      guard = {GuardKind::Aligned, -1, {}, gd["value"].cast<int64_t>(), gd["symbols"].cast<std::vector<int>>()};
+      guard.kind = GuardKind::Aligned;
+      guard.value = gd["value"].cast<int64_t>();
+      guard.expect = gd["expect"].cast<bool>();
+      guard.symbols = gd["symbols"].cast<std::vector<int>>();
     } else {
       TORCH_CHECK(false, "fla_aot manifest: unknown guard kind " + kind);
     }
@@ -131,18 +141,22 @@ int register_from_manifest(const py::dict& entry, const std::string& schema, con
 
 // The eager path: run_op straight from Python arguments, skipping the dispatcher's boxing (several
 // microseconds for ops of many arguments). Returns None, leaving the call to torch.ops, for anything
-// but plain tensors (subclasses such as fake tensors need the dispatcher).
+// but plain tensors (subclasses such as fake tensors need the dispatcher) and when autograd must see
+// the call (an input requires grad).
 py::object launch(int index, const py::args& args) {
   HANDLE_TH_ERRORS  // c10 errors become their Python exceptions (ValueError, TypeError, ...)
   const OpPlan& plan = plan_at(index);
   torch::jit::Stack stack;
   stack.reserve(args.size());
+  const bool grad_mode = c10::GradMode::is_enabled();
   for (const auto& a : args) {
     PyObject* obj = a.ptr();
     if (obj == Py_None) {
       stack.emplace_back();
     } else if (THPVariable_CheckExact(obj)) {
-      stack.emplace_back(THPVariable_Unpack(obj));
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      if (grad_mode && t.requires_grad()) return py::none();
+      stack.emplace_back(t);
     } else if (PyBool_Check(obj)) {
       stack.emplace_back(obj == Py_True);
     } else if (PyFloat_Check(obj)) {

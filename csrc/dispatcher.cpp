@@ -92,7 +92,7 @@ std::string describe_request(const OpPlan& plan, const ArchVariants& arch, c10::
     if (g.kind == GuardKind::Aligned) continue;  // alignment only chooses between variants
     if (!s.empty()) s += ", ";
     if (g.kind == GuardKind::Dtype) s += cat(plan.args[g.index].name, " dtype=", tensors[g.index].scalar_type());
-    if (g.kind == GuardKind::Max) s += cat(plan.symbols[g.index], "=", sym[g.index]);
+    if (g.kind == GuardKind::Bucket) s += cat(plan.symbols[g.index], "=", sym[g.index]);
     if (g.kind == GuardKind::Bool) s += cat(plan.args[g.index].name, "=", args[g.index].toBool() ? "True" : "False");
   }
   return s;
@@ -142,18 +142,29 @@ bool aligned(const Guard& g, const std::vector<at::Tensor>& tensors, const std::
   return true;
 }
 
+bool matches(const Variant& v, c10::ArrayRef<c10::IValue> args, const std::vector<at::Tensor>& tensors,
+             const std::vector<int64_t>& sym) {
+  for (const Guard& g : v.guards) {
+    bool ok = true;
+    if (g.kind == GuardKind::Dtype) ok = tensors[g.index].scalar_type() == g.dtype;
+    if (g.kind == GuardKind::Bucket) ok = g.above < sym[g.index] && sym[g.index] <= g.value;
+    if (g.kind == GuardKind::Bool) ok = args[g.index].toBool() == (g.value != 0);
+    if (g.kind == GuardKind::Aligned) ok = aligned(g, tensors, sym) == g.expect;
+    if (!ok) return false;
+  }
+  return true;
+}
+
 const Variant& pick_variant(const OpPlan& plan, const ArchVariants& arch, c10::ArrayRef<c10::IValue> args,
                             const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& sym) {
+  // At most one variant matches; a decode loop repeats one request, so try the last pick first.
+  const Variant* last = arch.last_pick.load(std::memory_order_relaxed);
+  if (last && matches(*last, args, tensors, sym)) return *last;
   for (const auto& v : arch.variants) {
-    bool ok = true;
-    for (const Guard& g : v->guards) {
-      if (g.kind == GuardKind::Dtype) ok = tensors[g.index].scalar_type() == g.dtype;
-      if (g.kind == GuardKind::Max) ok = sym[g.index] <= g.value;
-      if (g.kind == GuardKind::Bool) ok = args[g.index].toBool() == (g.value != 0);
-      if (g.kind == GuardKind::Aligned) ok = aligned(g, tensors, sym);
-      if (!ok) break;
+    if (matches(*v, args, tensors, sym)) {
+      arch.last_pick.store(v.get(), std::memory_order_relaxed);
+      return *v;
     }
-    if (ok) return *v;
   }
   std::string have;
   for (const auto& v : arch.variants) have += "\n  " + v->key;

@@ -50,14 +50,18 @@ struct Param {
   int index;
 };
 
-enum class GuardKind { Dtype, Max, Bool, Aligned };
+enum class GuardKind { Dtype, Bucket, Bool, Aligned };
 
+// One condition of a variant. The guards of different variants exclude each other, so a request
+// matches at most one variant.
 struct Guard {
   GuardKind kind;
-  int index;                // arg index (Dtype, Bool) or symbol index (Max)
-  c10::ScalarType dtype{};  // Dtype
-  int64_t value = 0;        // Max bound, Bool value or Aligned divisor
-  std::vector<int> symbols;  // Aligned: these symbols must be multiples of value (and pointers 16-byte aligned)
+  int index;                 // arg index (Dtype, Bool) or symbol index (Bucket)
+  c10::ScalarType dtype{};   // Dtype
+  int64_t value = 0;         // Bucket upper bound, Bool value or Aligned divisor
+  int64_t above = -1;        // Bucket: exclusive lower bound
+  bool expect = true;        // Aligned: whether the request must be aligned
+  std::vector<int> symbols;  // Aligned: symbols that must be multiples of value (pointers: 16 bytes)
 };
 
 struct Variant {
@@ -78,6 +82,7 @@ struct Variant {
 struct ArchVariants {
   int major = 0, minor = 0;
   std::vector<std::unique_ptr<Variant>> variants;
+  mutable std::atomic<const Variant*> last_pick{nullptr};  // a decode loop repeats one request
 };
 
 struct OpPlan {

@@ -113,12 +113,13 @@ def pick_variant(entry, args, sym, arch):
 def _guard_ok(g, args, sym):
     if g["kind"] == "dtype":
         return args[g["arg"]].dtype == DTYPES[g["dtype"]]
-    if g["kind"] == "max":
-        return sym[g["symbol"]] <= g["value"]
+    if g["kind"] == "bucket":
+        return g["above"] < sym[g["symbol"]] <= g["value"]
     if g["kind"] == "aligned":
         d = g["value"]
-        return (all(sym[s] % d == 0 for s in g["symbols"])
-                and all(x.data_ptr() % 16 == 0 for x in args if isinstance(x, torch.Tensor)))
+        aligned = (all(sym[s] % d == 0 for s in g["symbols"])
+                   and all(x.data_ptr() % 16 == 0 for x in args if isinstance(x, torch.Tensor)))
+        return aligned == g["expect"]
     return bool(args[g["arg"]]) == g["value"]
 
 
@@ -127,7 +128,7 @@ def _describe(entry, guards, args, sym):
     for g in guards:
         if g["kind"] == "dtype":
             parts.append(f"{entry['args'][g['arg']]['name']} dtype={args[g['arg']].dtype}")
-        elif g["kind"] == "max":
+        elif g["kind"] == "bucket":
             parts.append(f"{entry['symbols'][g['symbol']]}={sym[g['symbol']]}")
         elif g["kind"] == "aligned":
             continue

@@ -9,6 +9,7 @@ import os
 import torch
 
 from fla_aot._manifest_rules import check_args, output_shapes, schema
+from fla_aot.ops.utils import forward_only
 
 try:
     from fla_aot import _C
@@ -39,10 +40,13 @@ def _register(entry):
     launch, is_compiling = _C.launch, torch.compiler.is_compiling
 
     def run(*args):
-        # Eagerly, straight into C++ (a few microseconds less per call than the dispatcher); while
-        # torch.compile traces, and for tensor subclasses (launch returns None), through torch.ops.
+        # Eagerly, straight into C++ (a few microseconds less per call than the dispatcher). While
+        # torch.compile traces, for tensor subclasses and when an input requires grad (launch returns
+        # None), through torch.ops, with a backward that raises until the op has one.
         out = None if is_compiling() else launch(index, *args)
-        return torch_op(*args) if out is None else out
+        if out is None:
+            out = forward_only(entry["name"], torch_op(*args), args)
+        return out
 
     run.__name__ = entry["name"]
     return run

@@ -138,7 +138,9 @@ class OpSpec:
 
     # ---- variants --------------------------------------------------------------------------
     def variants(self):
-        """Every combination of the axes: (key, constexprs, signature, launch options, guards, grid)."""
+        """Every combination of the axes: (key, constexprs, signature, launch options, guards, grid).
+
+        The guards of different variants exclude each other: a request matches at most one variant."""
         choices = []
         for ax in self.axes:
             if isinstance(ax, DtypeAxis):
@@ -146,7 +148,7 @@ class OpSpec:
             elif isinstance(ax, BucketAxis):
                 choices.append([(ax, b) for b in ax.buckets])
             elif isinstance(ax, AlignedAxis):
-                choices.append([(ax, v) for v in (True, False)])  # aligned first: the first match wins
+                choices.append([(ax, v) for v in (True, False)])
             else:
                 choices.append([(ax, v) for v in (False, True)])
         out = []
@@ -159,13 +161,15 @@ class OpSpec:
                     key.append(TRITON_TYPES[val])
                 elif isinstance(ax, BucketAxis):
                     constexprs[ax.constexpr] = val
-                    guards.append({"kind": "max", "symbol": self.symbols().index(ax.symbol), "value": val})
+                    i = ax.buckets.index(val)
+                    guards.append({"kind": "bucket", "symbol": self.symbols().index(ax.symbol),
+                                   "above": ax.buckets[i - 1] if i else -1, "value": val})
                     key.append(f"{ax.constexpr}{val}")
                 elif isinstance(ax, AlignedAxis):
                     key.append(f"A{ax.divisor if val else 1}")
+                    syms = [self.symbols().index(s) for s in ax.symbols]
+                    guards.append({"kind": "aligned", "symbols": syms, "value": ax.divisor, "expect": val})
                     if val:
-                        syms = [self.symbols().index(s) for s in ax.symbols]
-                        guards.append({"kind": "aligned", "symbols": syms, "value": ax.divisor})
                         attrs = self._divisibility(ax)
                 else:
                     constexprs[ax.constexpr] = val

@@ -42,7 +42,7 @@ def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state
             cu_seqlens=cu_seqlens, delta_rule=delta_rule)
         if final_state is None:
             final_state = o.new_empty(0, dtype=torch.float32)
-    o, final_state = forward_only(op, (o, final_state), (q, k, v, g, g_gamma, gk, gv, beta, initial_state))
+        o, final_state = forward_only(op, (o, final_state), args)
     return o, (final_state if output_final_state else None)
 
 

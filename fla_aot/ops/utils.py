@@ -48,19 +48,16 @@ class _ForwardOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, outputs, *inputs):
         ctx.op = op
-        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
         return tuple(o.view_as(o) for o in outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError(f"fla_aot.ops.{ctx.op}: the backward pass is not implemented yet; "
+        raise NotImplementedError(f"fla_aot: the backward pass of {ctx.op} is not implemented yet; "
                                   f"use fla.ops for training, or call under torch.no_grad()")
 
 
 def forward_only(op, outputs, inputs):
     """Returns `outputs`, attached to a graph whose backward raises, when any input needs a gradient."""
-    if torch.is_grad_enabled():
-        for x in inputs:  # a plain loop: this runs on every decode step
-            if x is not None and x.requires_grad:
-                return _ForwardOnly.apply(op, outputs, *inputs)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+        return _ForwardOnly.apply(op, tuple(outputs), *[x for x in inputs if isinstance(x, torch.Tensor)])
     return outputs
