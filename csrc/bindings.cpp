@@ -130,10 +130,10 @@ int register_from_manifest(const py::dict& entry, const std::string& schema, con
   for (auto item : entry["variants"].cast<py::dict>()) {
     auto arch_name = item.first.cast<std::string>();  // "sm_90"
     int cc = std::stoi(arch_name.substr(3));
-    ArchVariants arch;
-    arch.major = cc / 10;
-    arch.minor = cc % 10;
-    for (auto v : item.second) arch.variants.push_back(variant_from(v.cast<py::dict>()));
+    auto arch = std::make_unique<ArchVariants>();
+    arch->major = cc / 10;
+    arch->minor = cc % 10;
+    for (auto v : item.second) arch->variants.push_back(variant_from(v.cast<py::dict>()));
     plan->archs.push_back(std::move(arch));
   }
   return register_op(std::move(plan), schema);
@@ -178,6 +178,5 @@ py::object launch(int index, const py::args& args) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fla_aot's C++ dispatcher: launches precompiled Triton cubins for the ops of manifest.json";
   m.def("register_op", &fla_aot::register_from_manifest, py::arg("entry"), py::arg("schema"), py::arg("kernels_dir"));
-  m.def("variant_keys", &fla_aot::variant_keys, py::arg("op"), py::arg("major"), py::arg("minor"));
   m.def("launch", &fla_aot::launch, "Run a registered op eagerly from its arguments (see torch.ops.fla_aot)");
 }

@@ -121,10 +121,10 @@ const ArchVariants& arch_for_device(const OpPlan& plan, int device) {
   // A cubin runs on GPUs of its major version with an equal or newer minor version.
   const ArchVariants* best = nullptr;
   for (const auto& a : plan.archs)
-    if (a.major == cc.major && a.minor <= cc.minor && (!best || a.minor > best->minor)) best = &a;
+    if (a->major == cc.major && a->minor <= cc.minor && (!best || a->minor > best->minor)) best = a.get();
   if (!best) {
     std::string have;
-    for (const auto& a : plan.archs) have += cat(" sm_", a.major, a.minor);
+    for (const auto& a : plan.archs) have += cat(" sm_", a->major, a->minor);
     TORCH_CHECK_NOT_IMPLEMENTED(false, cat(plan.name, ": fla_aot was built without kernels for this GPU (sm_", cc.major,
                                 cc.minor, "); compiled:", have, ". Rebuild with `python tools/compile_kernels.py --arch ",
                                 cc.major, cc.minor, "` and reinstall."));
@@ -338,14 +338,6 @@ int register_op(std::unique_ptr<OpPlan> plan, const std::string& schema) {
 const OpPlan& plan_at(int index) {
   TORCH_CHECK(index >= 0 && index < static_cast<int>(plans().size()), "fla_aot: bad op index");
   return *plans()[index];
-}
-
-std::vector<std::string> variant_keys(const std::string& op, int major, int minor) {
-  std::vector<std::string> keys;
-  for (const auto& a : plan_named(op).archs)
-    if (a.major == major && a.minor == minor)
-      for (const auto& v : a.variants) keys.push_back(v->key);
-  return keys;
 }
 
 }  // namespace fla_aot

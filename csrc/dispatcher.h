@@ -19,7 +19,4 @@ const OpPlan& plan_at(int index);
 // picks the variant, allocates the outputs and launches the cubin on the current stream.
 void run_op(const OpPlan& plan, torch::jit::Stack* stack);
 
-// Names of the variants compiled for the op on the given arch ("sm_90"), for error messages and tests.
-std::vector<std::string> variant_keys(const std::string& op, int major, int minor);
-
 }  // namespace fla_aot

@@ -95,7 +95,7 @@ struct OpPlan {
   std::vector<std::pair<int, int>> divisible;        // symbol a must be a multiple of symbol b
   std::vector<Param> params;
   std::vector<int> dtype_codes;  // indexed by c10::ScalarType; 0 = not a kernel dtype
-  std::vector<ArchVariants> archs;
+  std::vector<std::unique_ptr<ArchVariants>> archs;
 };
 
 }  // namespace fla_aot

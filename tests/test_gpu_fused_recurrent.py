@@ -208,3 +208,16 @@ def test_second_gpu():
     assert o.device == torch.device("cuda:1")
     ref_o, _ = fused_recurrent_reference(**reference_kwargs("gated_delta_rule", kw), output_final_state=True)
     assert rel_err(o, ref_o) < TOL[o.dtype]
+
+
+def test_unaligned_inputs_use_the_unaligned_variant():
+    # a contiguous view one element into its storage: not 16-byte aligned, K and V multiples of 16
+    kw = make_inputs("gated_delta_rule", T=6, K=64, V=64, device=DEV)
+    q = kw["q"]
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=DEV)[1:].view(q.shape)
+    shifted.copy_(q)
+    assert shifted.data_ptr() % 16 != 0
+    o_shifted, ht_shifted = ops.fused_recurrent_gated_delta_rule(**{**kw, "q": shifted}, output_final_state=True)
+    o, ht = ops.fused_recurrent_gated_delta_rule(**kw, output_final_state=True)
+    torch.testing.assert_close(o_shifted, o, rtol=0, atol=0)
+    torch.testing.assert_close(ht_shifted, ht, rtol=0, atol=0)
