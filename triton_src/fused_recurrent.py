@@ -110,10 +110,11 @@ def fused_recurrent_fwd_kernel(
 
 
 def _launch_config(BK, **_):
-    # Registers hold a BK x BV float32 state tile, about 128 values per thread. Measured on an H200
-    # (tools/tune_fused_recurrent.py, decode T=1, H=16, B=1 and 32): at K=V=128, BV=32 with one warp
-    # beat BV=32 with four warps by 1.4x at B=32; at K=256, BV=32 with two warps was best.
-    BV = {16: 64, 32: 64, 64: 64, 128: 32, 256: 32}[BK]
+    # Registers hold a BK x BV float32 state tile, at most 128 values per thread. Chosen from
+    # docs/tuning/fused_recurrent.md (H200, decode T=1, H=16, B=1 and 32): BV=32 with one warp was
+    # fastest at B=32 for K=V=64 and 128 (25.1 us at 128, against 27.1 us with four warps), BV=32 with
+    # two warps at K=V=256; B=1 preferred BV=16 by about 1 us, which B=32 does not afford.
+    BV = {16: 64, 32: 64, 64: 32, 128: 32, 256: 32}[BK]
     num_warps = {16: 1, 32: 1, 64: 1, 128: 1, 256: 2}[BK]
     return dict(BV=BV, num_warps=num_warps, num_stages=1)
 
