@@ -68,8 +68,23 @@ std::vector<int64_t> bind_symbols(const OpPlan& plan, c10::ArrayRef<c10::IValue>
       }
     }
   }
-  for (auto [s, from] : plan.symbol_defaults)
+  bool varlen = false;
+  std::string varlen_name = "a varlen argument";
+  for (size_t i = 0; i < plan.args.size(); ++i) {
+    varlen |= plan.args[i].varlen && tensors[i].defined();
+    if (plan.args[i].varlen) varlen_name = plan.args[i].name;
+  }
+  for (auto [s, from] : plan.symbol_defaults) {
+    if (varlen) continue;  // the varlen tensor binds s (the number of sequences)
     if (sym[s] < 0) sym[s] = sym[from];
+    if (sym[s] == sym[from]) continue;
+    std::string who;  // the first tensor that bound s
+    for (size_t i = 0; i < plan.args.size() && who.empty(); ++i)
+      for (const Dim& d : plan.args[i].shape)
+        if (d.symbol == s && tensors[i].defined()) who = plan.args[i].name;
+    TORCH_CHECK_VALUE(false, cat(op, ": ", who, " has ", plan.symbols[s], "=", sym[s], ", but without ", varlen_name, " ",
+                                 plan.symbols[s], " must equal ", plan.symbols[from], "=", sym[from]));
+  }
   for (size_t i = 0; i < plan.args.size(); ++i) {
     if (!plan.args[i].varlen || !tensors[i].defined()) continue;
     int b = std::find(plan.symbols.begin(), plan.symbols.end(), "B") - plan.symbols.begin();

@@ -91,7 +91,7 @@ struct OpPlan {
   std::vector<Arg> args;
   std::vector<Output> outputs;
   std::vector<std::string> symbols;
-  std::vector<std::pair<int, int>> symbol_defaults;  // unbound symbol <- symbol
+  std::vector<std::pair<int, int>> symbol_defaults;  // symbol a == symbol b unless a varlen tensor is given
   std::vector<std::pair<int, int>> divisible;        // symbol a must be a multiple of symbol b
   std::vector<Param> params;
   std::vector<int> dtype_codes;  // indexed by c10::ScalarType; 0 = not a kernel dtype

@@ -81,10 +81,19 @@ def check_args(entry, args, arch=None):
                 sym[s] = size - off
             elif size != sym[s] + off:
                 raise ValueError(f"{op}: {a['name']} must have shape {_expected(entry, dims, sym)}, got {list(x.shape)}")
+    names = entry["symbols"]
+    varlen = any(a["kind"] == "tensor" and a["varlen"] and x is not None for a, x in zip(specs, args))
     for s, frm in entry["symbol_defaults"]:
+        if varlen:
+            continue  # the varlen tensor binds s (the number of sequences)
         if sym[s] is None:
             sym[s] = sym[frm]
-    names = entry["symbols"]
+        elif sym[s] != sym[frm]:
+            who = next(a["name"] for a, x in zip(specs, args)
+                       if a["kind"] == "tensor" and x is not None and any(d == s for d, _ in a["shape"]))
+            varlen_name = next((a["name"] for a in specs if a["kind"] == "tensor" and a["varlen"]), "a varlen argument")
+            raise ValueError(f"{op}: {who} has {names[s]}={sym[s]}, but without {varlen_name} {names[s]} must equal "
+                             f"{names[frm]}={sym[frm]}")
     for a, x in zip(specs, args):
         if a["kind"] == "tensor" and a["varlen"] and x is not None and "B" in names and sym[names.index("B")] != 1:
             raise ValueError(f"{op}: with {a['name']} the batch size B must be 1 (sequences are packed along T), "

@@ -189,6 +189,11 @@ class TestCudaValidation:
         with pytest.raises(ValueError, match="batch size B must be 1"):
             ops.fused_recurrent_gla(**kw, cu_seqlens=torch.tensor([0, 4, 8], device=DEV))
 
+    def test_one_state_per_batch_entry(self):
+        kw = make_inputs("gla", B=1, device=DEV)
+        with pytest.raises(ValueError, match="initial_state has N=3, but without cu_seqlens N must equal B=1"):
+            ops.fused_recurrent_gla(**{**kw, "initial_state": torch.zeros(3, 2, 16, 32, device=DEV)})
+
     def test_unsorted_cu_seqlens(self):
         kw = make_inputs("gla", B=1, T=8, device=DEV, initial_state=False)
         with pytest.raises(ValueError, match="non-decreasing"):

@@ -10,6 +10,7 @@ Kernel parameters are bound by name: a tensor argument or output passes its data
 passes a dtype code (0 when the tensor is absent), a shape symbol passes its value, a Float/Bool argument
 its value; constexpr parameters come from the variant.
 """
+import inspect
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -101,7 +102,8 @@ class OpSpec:
     grid: list                             # up to 3 strings: products of symbols and cdiv(symbol, CONSTEXPR)
     doc: str = ""
     divisible: list = field(default_factory=list)      # (a, b): symbol a must be a multiple of symbol b
-    symbol_defaults: dict = field(default_factory=lambda: {"N": "B"})  # unbound symbol -> symbol
+    # symbol -> symbol it equals unless a varlen tensor is given (which then binds it): N is B
+    symbol_defaults: dict = field(default_factory=lambda: {"N": "B"})
 
     # ---- lookups -------------------------------------------------------------------------
     def arg_index(self, name):
@@ -216,11 +218,19 @@ class OpSpec:
                 sig[name] = "i32"
         return sig
 
+    def constexpr_names(self):
+        """The kernel's tl.constexpr parameters (read from the Python function, so that this also works
+        for the interpreter's wrapper under TRITON_INTERPRET=1)."""
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return {name for name, p in inspect.signature(fn).parameters.items()
+                if "constexpr" in str(p.annotation)}
+
     def _divisibility(self, ax):
         """Triton compile attrs: every pointer and the aligned symbols are multiples of ax.divisor."""
         attrs = {}
+        constexprs = self.constexpr_names()
         for i, name in enumerate(self.kernel.arg_names):
-            if self.kernel.params[i].is_constexpr:
+            if name in constexprs:
                 continue
             kind = self.param(name)["kind"]
             if kind in ("tensor", "output") or (kind == "symbol" and name in ax.symbols):
@@ -285,8 +295,7 @@ class OpSpec:
             "when": idx(o.when) if o.when else -1,
             "transposed_if": idx(o.transposed_if) if o.transposed_if else -1,
         } for o in self.outputs]
-        constexpr_names = {p for p in self.kernel.arg_names
-                           if self.kernel.params[self.kernel.arg_names.index(p)].is_constexpr}
+        constexpr_names = self.constexpr_names()
         return {
             "name": self.name, "doc": self.doc, "args": args, "outputs": outputs, "symbols": syms,
             "symbol_defaults": [[syms.index(a), syms.index(b)] for a, b in self.symbol_defaults.items() if a in syms],

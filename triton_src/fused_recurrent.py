@@ -97,7 +97,8 @@ def fused_recurrent_fwd_kernel(
         if DELTA_RULE:
             b_beta = _load_f32(beta, off_g, beta_dtype != 0, beta_dtype, 1.)
             if beta_sigmoid != 0:
-                b_beta = tl.sigmoid(b_beta)
+                if beta_dtype != 0:  # an absent beta means ones, not sigmoid(1)
+                    b_beta = tl.sigmoid(b_beta)
             if allow_neg_eigval != 0:
                 b_beta = b_beta * 2.
             b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))

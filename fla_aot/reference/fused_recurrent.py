@@ -30,6 +30,7 @@ def fused_recurrent_reference(q, k, v, g=None, g_gamma=None, gk=None, gv=None, b
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
+    out_dtype = v.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = K ** -0.5 if scale is None else scale
 
@@ -75,5 +76,5 @@ def fused_recurrent_reference(q, k, v, g=None, g_gamma=None, gk=None, gv=None, b
     final = None
     if output_final_state:
         final = torch.stack(finals) if finals else torch.zeros(0, HV, *((V, K) if state_v_first else (K, V)), dtype=acc)
-    return o.to(v.dtype), final
+    return o.to(out_dtype), final
 
