@@ -71,6 +71,7 @@ def _compile_one(job):
         "profile_scratch_align": getattr(md, "profile_scratch_align", 1),
         # Triton appends these hidden pointer parameters after the kernel's own (3.6: global, profile).
         "num_scratch_params": _count_scratch_params(compiled.asm["ptx"], md.name, variant),
+        "arch": arch,
     }
     (cache_dir / f"{key}.cubin").write_bytes(compiled.asm["cubin"])
     (cache_dir / f"{key}.json").write_text(json.dumps(meta))
@@ -83,6 +84,15 @@ def _count_scratch_params(ptx, name, variant):
     n_ptx = len(re.findall(r"\.param\s", m.group(1))) if m else 0
     n_own = sum(1 for t in variant["signature"].values() if t != "constexpr")
     return n_ptx - n_own
+
+
+def _prune_cache(cache_dir, archs, keep):
+    """Drops cached variants of these archs that this build no longer uses (older sources)."""
+    for meta in cache_dir.glob("*.json"):
+        key = meta.stem
+        if key not in keep and json.loads(meta.read_text()).get("arch") in archs:
+            meta.unlink()
+            (cache_dir / f"{key}.cubin").unlink(missing_ok=True)
 
 
 def _progress(done, total, failed, start):
@@ -165,10 +175,11 @@ def main(argv=None):
         d.mkdir(parents=True)
     for job, ventry in jobs:
         key = ventry["cache_key"]
-        ventry.update(json.loads((cache_dir / f"{key}.json").read_text()))
+        ventry.update({k: v for k, v in json.loads((cache_dir / f"{key}.json").read_text()).items() if k != "arch"})
         shutil.copyfile(cache_dir / f"{key}.cubin", out / ventry["cubin"])
         del ventry["signature"], ventry["options"], ventry["attrs"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _prune_cache(cache_dir, archs, {ventry["cache_key"] for _, ventry in jobs})
     print(f"compile_kernels: wrote {len(jobs)} cubins and {out / 'manifest.json'} in {time.time() - start:.1f}s",
           file=sys.stderr)
 
