@@ -298,7 +298,8 @@ class OpSpec:
         constexpr_names = self.constexpr_names()
         return {
             "name": self.name, "doc": self.doc, "args": args, "outputs": outputs, "symbols": syms,
-            "symbol_defaults": [[syms.index(a), syms.index(b)] for a, b in self.symbol_defaults.items() if a in syms],
+            "symbol_defaults": [[syms.index(a), syms.index(b)] for a, b in self.symbol_defaults.items()
+                                if a in syms and b in syms],
             "divisible": [[syms.index(a), syms.index(b)] for a, b in self.divisible],
             "params": self.params(constexpr_names),
             "dtype_codes": DTYPE_CODES,
