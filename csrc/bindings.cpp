@@ -139,38 +139,46 @@ int register_from_manifest(const py::dict& entry, const std::string& schema, con
   return register_op(std::move(plan), schema);
 }
 
-// The eager path: run_op straight from Python arguments, skipping the dispatcher's boxing (several
-// microseconds for ops of many arguments). Returns None, leaving the call to torch.ops, for anything
-// but plain tensors (subclasses such as fake tensors need the dispatcher) and when autograd must see
-// the call (an input requires grad).
-py::object launch(int index, const py::args& args) {
+// The eager path, fla_aot._C.launch(index, *args): run_op straight from Python arguments, skipping the
+// dispatcher's boxing and pybind's argument handling (microseconds for ops of many arguments; this is
+// the per-token call of decoding). Returns None, leaving the call to torch.ops, for anything but plain
+// tensors (subclasses such as fake tensors need the dispatcher) and when autograd must see the call
+// (an input requires grad).
+PyObject* launch(PyObject* /*module*/, PyObject* const* argv, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS  // c10 errors become their Python exceptions (ValueError, TypeError, ...)
-  const OpPlan& plan = plan_at(index);
-  torch::jit::Stack stack;
-  stack.reserve(args.size());
+  TORCH_CHECK(nargs >= 1 && PyLong_Check(argv[0]), "fla_aot._C.launch(index, *args): index must be an int");
+  const OpPlan& plan = plan_at(static_cast<int>(PyLong_AsLong(argv[0])));
   const bool grad_mode = c10::GradMode::is_enabled();
-  for (const auto& a : args) {
-    PyObject* obj = a.ptr();
+  torch::jit::Stack stack;
+  stack.reserve(nargs - 1);
+  for (Py_ssize_t i = 1; i < nargs; ++i) {
+    PyObject* obj = argv[i];
     if (obj == Py_None) {
       stack.emplace_back();
     } else if (THPVariable_CheckExact(obj)) {
       const at::Tensor& t = THPVariable_Unpack(obj);
-      if (grad_mode && t.requires_grad()) return py::none();
+      if (grad_mode && t.requires_grad()) Py_RETURN_NONE;
       stack.emplace_back(t);
     } else if (PyBool_Check(obj)) {
       stack.emplace_back(obj == Py_True);
     } else if (PyFloat_Check(obj)) {
       stack.emplace_back(PyFloat_AS_DOUBLE(obj));
     } else {
-      return py::none();
+      Py_RETURN_NONE;
     }
   }
   run_op(plan, &stack);  // a few microseconds: not worth releasing the GIL for
-  py::tuple out(stack.size());
-  for (size_t i = 0; i < stack.size(); ++i) out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(stack[i].toTensor()));
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(stack.size()));
+  for (size_t i = 0; i < stack.size(); ++i) PyTuple_SET_ITEM(out, i, THPVariable_Wrap(stack[i].toTensor()));
   return out;
-  END_HANDLE_TH_ERRORS_PYBIND
+  END_HANDLE_TH_ERRORS
 }
+
+PyMethodDef fast_methods[] = {
+    {"launch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&launch)), METH_FASTCALL,
+     "launch(index, *args): run a registered op eagerly (see fla_aot/_registry.py)"},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 }  // namespace
 }  // namespace fla_aot
@@ -178,5 +186,5 @@ py::object launch(int index, const py::args& args) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fla_aot's C++ dispatcher: launches precompiled Triton cubins for the ops of manifest.json";
   m.def("register_op", &fla_aot::register_from_manifest, py::arg("entry"), py::arg("schema"), py::arg("kernels_dir"));
-  m.def("launch", &fla_aot::launch, "Run a registered op eagerly from its arguments (see torch.ops.fla_aot)");
+  PyModule_AddFunctions(m.ptr(), fla_aot::fast_methods);
 }
