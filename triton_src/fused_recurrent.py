@@ -67,7 +67,8 @@ def fused_recurrent_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if initial_state_dtype != 0:
-        b_h += tl.load(initial_state + state_base + o_state, mask=mask_h, other=0.)
+        # states stream through once: keep them from evicting q/k/v from L2
+        b_h += tl.load(initial_state + state_base + o_state, mask=mask_h, other=0., eviction_policy="evict_first")
     b_decay_gamma = tl.exp(_load_f32(g_gamma, i_hv, g_gamma_dtype != 0, g_gamma_dtype, 0.))
 
     for i_t in range(0, seq_len):
@@ -107,7 +108,7 @@ def fused_recurrent_fwd_kernel(
         tl.store(o + off_v + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
 
     if output_final_state != 0:
-        tl.store(final_state + state_base + o_state, b_h, mask=mask_h)
+        tl.store(final_state + state_base + o_state, b_h, mask=mask_h, cache_modifier=".cs")
 
 
 def _launch_config(BK, **_):
