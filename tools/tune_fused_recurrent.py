@@ -37,14 +37,20 @@ def make_set(B, T, H, K, V, delta):
 
 
 def launch(s, B, T, H, K, V, BV, num_warps, delta):
+    """One launch, parameters bound by name as the manifest binds them (absent tensors: code 0)."""
     dummy = s["h0"]
-    g, gk, beta = s.get("g", dummy), s.get("gk", dummy), s.get("beta", dummy)
+
+    def code(name):
+        return CODE[s[name].dtype] if name in s else 0
+
     grid = (B * H, triton.cdiv(V, BV))
     fused_recurrent_fwd_kernel[grid](
-        s["q"], s["k"], s["v"], g, dummy, gk, dummy, beta, s["h0"], dummy, s["o"], s["ht"],
-        CODE[torch.float32] if delta else 0, 0, 0 if delta else CODE[torch.float32], 0,
-        CODE[torch.bfloat16] if delta else 0, 1, 0,
-        K ** -0.5, T, H, H, K, V, 1, 0, int(delta), 0, 0,
+        q=s["q"], k=s["k"], v=s["v"], g=s.get("g", dummy), g_gamma=dummy, gk=s.get("gk", dummy), gv=dummy,
+        beta=s.get("beta", dummy), initial_state=s["h0"], cu_seqlens=dummy, o=s["o"], final_state=s["ht"],
+        g_dtype=code("g"), g_gamma_dtype=0, gk_dtype=code("gk"), gv_dtype=0, beta_dtype=code("beta"),
+        initial_state_dtype=code("h0"), cu_seqlens_dtype=0,
+        scale=K ** -0.5, T=T, H=H, HV=H, K=K, V=V,
+        output_final_state=1, reverse=0, use_qk_l2norm=int(delta), beta_sigmoid=0, allow_neg_eigval=0,
         BK=triton.next_power_of_2(K), BV=BV, STATE_V_FIRST=False, DELTA_RULE=delta,
         num_warps=num_warps, num_stages=1)
 
