@@ -9,10 +9,9 @@ g, beta [B, T, HV]; gk [B, T, HV, K]; gv [B, T, HV, V]; states [N, HV, K, V] flo
 import torch
 
 from fla_aot._manifest_rules import check_args
+from fla_aot._registry import MANIFEST, OPS
 from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, forward_only
 from fla_aot.reference import fused_recurrent_reference
-
-from fla_aot._registry import MANIFEST, OPS
 
 _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
 _run_fused_recurrent_fwd = OPS["fused_recurrent_fwd"]

@@ -1,4 +1,4 @@
-"""Argument handling shared by the ops: defaults, cu_seqlens checks, the forward-only autograd guard."""
+"""Argument handling shared by the ops: fla's **kwargs, cu_seqlens checks, the forward-only autograd guard."""
 import torch
 
 
