@@ -309,9 +309,12 @@ void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
     std::vector<at::Tensor> scratch;
     const int64_t programs = grid[0] * grid[1] * grid[2];
     const int64_t sizes[2] = {v.global_scratch_size, v.profile_scratch_size};
+    const int64_t aligns[2] = {v.global_scratch_align, v.profile_scratch_align};
     for (int i = 0; i < v.num_scratch_params; ++i) {
       size_t k = plan.params.size() + i;
       if (i < 2 && sizes[i] > 0) {
+        // the caching allocator hands out 512-byte aligned blocks
+        TORCH_CHECK(512 % aligns[i] == 0, cat(plan.name, ": scratch alignment ", aligns[i], " is not supported"));
         scratch.push_back(at::empty({sizes[i] * programs}, at::TensorOptions().dtype(at::kByte).device(device)));
         *reinterpret_cast<void**>(&slots[k]) = scratch.back().data_ptr();
       }
