@@ -106,6 +106,7 @@ int register_from_manifest(const py::dict& entry, const std::string& schema, con
     if (out.dtype_of < 0) out.dtype = dtype_from_name(od["dtype"].cast<std::string>());
     out.when = od["when"].cast<int>();
     out.transposed_if = od["transposed_if"].cast<int>();
+    out.zeros = od["zeros"].cast<bool>();
     plan->outputs.push_back(std::move(out));
   }
   for (auto p : entry["symbol_defaults"]) {

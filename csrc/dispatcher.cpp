@@ -263,6 +263,7 @@ void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
       for (const Dim& d : effective_shape(o.shape, o.transposed_if, args)) sizes.push_back(sym[d.symbol] + d.offset);
     // empty_cuda skips the dispatcher that at::empty goes through: it matters at decode sizes.
     outputs.emplace_back(at::detail::empty_cuda(sizes, dtype, device, std::nullopt));
+    if (o.zeros) outputs.back().zero_();
   }
 
   int64_t grid[3];

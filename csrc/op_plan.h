@@ -41,6 +41,7 @@ struct Output {
   c10::ScalarType dtype = c10::ScalarType::Float;
   int when = -1;  // Bool arg index; when false, an empty tensor
   int transposed_if = -1;
+  bool zeros = false;  // the kernel accumulates into it
 };
 
 enum class ParamKind { Tensor, Output, DtypeCode, Symbol, Float, Bool };

@@ -422,14 +422,15 @@ def test_gate_in_kernel_not_supported(extra):
 
 
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("grad_input", ["q", "initial_state"])
-def test_backward_raises_clearly(op, grad_input):
+def test_cpu_path_is_differentiable(op):
+    """CPU tensors run the reference, which autograd differentiates (the GPU tests compare against it)."""
     kw = make_inputs(op, B=1, T=4, H=2, K=8, V=8, dtype=torch.float32)
-    kw[grad_input].requires_grad_(True)
+    kw["q"].requires_grad_(True)
+    kw["initial_state"].requires_grad_(True)
     o, ht = OPS[op][0](**kw, output_final_state=True)
-    assert o.requires_grad and ht.requires_grad
-    with pytest.raises(NotImplementedError, match=rf"fused_recurrent_{op}\b.*backward|backward.*fused_recurrent_{op}\b"):
-        (o.sum() + ht.sum()).backward()
+    (o.sum() + ht.sum()).backward()
+    assert torch.isfinite(kw["q"].grad).all() and kw["q"].grad.abs().sum() > 0
+    assert torch.isfinite(kw["initial_state"].grad).all()
 
 
 def test_no_grad_needs_no_backward():

@@ -153,12 +153,58 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
-def test_backward_raises_clearly():
-    kw = make_inputs("gla", T=4, device=DEV)
+@pytest.mark.parametrize("op", GROUPED)
+def test_delta_rule_backward_raises_clearly(op):
+    kw = make_inputs(op, T=4, device=DEV)
     kw["q"].requires_grad_(True)
-    o, _ = ops.fused_recurrent_gla(**kw)
+    o, _ = OPS[op][0](**kw)
     with pytest.raises(NotImplementedError, match="backward"):
         o.sum().backward()
+
+
+GRAD_INPUTS = ("q", "k", "v", "g", "gk", "gv", "initial_state")
+
+
+def check_gradients(op, kw, **flags):
+    """Output, final state and every gradient (q, k, v, gates, initial_state) against float64 autograd of
+    the reference, with random cotangents for both outputs (so dht flows into the final state)."""
+    kw = {n: (x.detach().requires_grad_(n in GRAD_INPUTS) if isinstance(x, torch.Tensor) and n in GRAD_INPUTS else x)
+          for n, x in kw.items()}
+    o, ht = OPS[op][0](**kw, output_final_state=True, **flags)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    torch.autograd.backward((o, ht), (do, dht))
+    ref_kw = reference_kwargs(op, dict(kw, **flags))
+    leaves = {n: x.requires_grad_(True) for n, x in ref_kw.items() if n in GRAD_INPUTS and x is not None}
+    ref_o, ref_ht = fused_recurrent_reference(**ref_kw, output_final_state=True)
+    torch.autograd.backward((ref_o, ref_ht), (do.double().cpu(), dht.double().cpu()))
+    tol = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}[kw["v"].dtype]
+    assert rel_err(o, ref_o) < TOL[o.dtype]
+    for name, leaf in leaves.items():
+        got = kw[name].grad
+        assert got is not None and got.dtype == kw[name].dtype and got.shape == kw[name].shape, name
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, leaf.grad) < tol, (name, rel_err(got, leaf.grad))
+
+
+@pytest.mark.parametrize("op", ["linear_attn", "simple_gla", "retention", "gla"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,V", [(16, 32), (60, 100), (128, 128)])
+def test_linear_family_gradients(op, dtype, K, V):
+    check_gradients(op, make_inputs(op, B=2, T=37, H=2, K=K, V=V, dtype=dtype, device=DEV))
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gla"])
+@pytest.mark.parametrize("strong", [False, True])
+def test_linear_family_gradients_gates_reverse_varlen(op, strong):
+    kw = make_inputs(op, B=1, T=40, H=2, K=32, V=64, dtype=torch.float32, device=DEV, cu_seqlens=[0, 7, 7, 40],
+                     strong_gates=strong)
+    check_gradients(op, kw)
+    check_gradients(op, kw, reverse=True)
+
+
+@pytest.mark.parametrize("op", ["simple_gla", "gla"])
+def test_linear_family_gradients_state_v_first(op):
+    check_gradients(op, make_inputs(op, T=9, K=32, V=64, dtype=torch.float32, device=DEV, state_v_first=True))
 
 
 class TestCudaValidation:

@@ -47,25 +47,16 @@ ARCH = "sm_90"
 CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
 
 
-def _manifest_entry():
-    """spec.manifest_entry() plus the variants, as tools/compile_kernels.py builds it.
-
-    manifest_entry() reads `kernel.params` to find the constexpr parameters; Triton's interpreter wraps
-    kernels in an InterpretedFunction without it, so give it the same information (read from the
-    annotations, which is what JITFunction.params does) when missing. test_manifest_entry_under_interpreter
-    reports that gap on its own.
-    """
-    kernel = SPEC.kernel
-    if not hasattr(kernel, "params"):
-        sig = inspect.signature(kernel.fn)
-        kernel.params = [types.SimpleNamespace(name=n, is_constexpr="constexpr" in str(p.annotation))
-                         for n, p in sig.parameters.items()]
-    entry = SPEC.manifest_entry()
-    entry["variants"] = {ARCH: SPEC.variants()}
+def _manifest_entry(spec):
+    """spec.manifest_entry() plus the variants, as tools/compile_kernels.py builds it."""
+    entry = spec.manifest_entry()
+    entry["variants"] = {ARCH: spec.variants()}
     return entry
 
 
-ENTRY = _manifest_entry()
+ENTRY = _manifest_entry(SPEC)
+BWD_SPEC = SPECS[1]
+BWD_ENTRY = _manifest_entry(BWD_SPEC)
 ARG_NAMES = [a["name"] for a in ENTRY["args"]]
 DEFAULTS = {a["name"]: (None if a["kind"] == "tensor" else False) for a in ENTRY["args"]}
 
@@ -80,14 +71,16 @@ def schema_args(kw):
     return tuple(d[n] for n in ARG_NAMES)
 
 
-def launch(args):
-    """Runs the kernel on CPU tensors like the dispatcher would; returns the outputs (poisoned with NaN first)."""
-    sym = check_args(ENTRY, args, arch=ARCH)
-    variant = pick_variant(ENTRY, args, sym, ARCH)
-    outs = [torch.full(shape, float("nan"), dtype=dtype) for shape, dtype in output_shapes(ENTRY, args, sym)]
+def launch(args, spec=SPEC, entry=ENTRY):
+    """Runs the kernel on CPU tensors like the dispatcher would; returns the outputs (poisoned with NaN first,
+    except those the kernel accumulates into, which start at zero as the dispatcher makes them)."""
+    sym = check_args(entry, args, arch=ARCH)
+    variant = pick_variant(entry, args, sym, ARCH)
+    outs = [torch.zeros(shape, dtype=dtype) if o["zeros"] else torch.full(shape, float("nan"), dtype=dtype)
+            for o, (shape, dtype) in zip(entry["outputs"], output_shapes(entry, args, sym))]
     dummy = torch.zeros(1, dtype=torch.float32)
     params = {}
-    for p in ENTRY["params"]:
+    for p in entry["params"]:
         kind, i = p["kind"], p["index"]
         if kind == "tensor":
             value = dummy if args[i] is None else args[i]
@@ -106,7 +99,7 @@ def launch(args):
             raise AssertionError(f"unknown parameter kind {kind!r}")
         params[p["name"]] = value
     grid = tuple(math.prod(-(-sym[s] // div) for s, div in dim) for dim in variant["grid"] if dim)
-    SPEC.kernel[grid](**params, **variant["constexprs"])
+    spec.kernel[grid](**params, **variant["constexprs"])
     return outs, variant
 
 
@@ -282,3 +275,29 @@ def test_grid_covers_every_value_block():
     sym = check_args(ENTRY, schema_args(dict(kw, output_final_state=True)))
     grid = [math.prod(-(-sym[s] // d) for s, d in dim) for dim in variant["grid"] if dim]
     assert grid == [1 * 3, -(-70 // BV)]
+
+
+@pytest.mark.parametrize("op", ["linear_attn", "simple_gla", "retention", "gla"])
+@pytest.mark.parametrize("case", ["plain", "reverse", "varlen", "state_v_first"])
+def test_backward_kernel(op, case):
+    """fused_recurrent_bwd_kernel's dq, dk, dv and dh0 against float64 autograd of the reference."""
+    kw = inputs(op, B=1 if case == "varlen" else 2, T=6, H=2, K=8, V=20, dtype=torch.float32,
+                cu_seqlens=[0, 2, 2, 6] if case == "varlen" else None, state_v_first=case == "state_v_first")
+    reverse = case == "reverse"
+    kw.pop("delta_rule", None)
+    gen = torch.Generator().manual_seed(1)
+    leaves = {n: kw[n].double().requires_grad_(True) for n in ("q", "k", "v", "initial_state")}
+    ref_kw = dict(kw, **leaves)
+    o, ht = fused_recurrent_reference(**ref_kw, reverse=reverse, output_final_state=True)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(ht.shape, generator=gen, dtype=torch.float64)
+    torch.autograd.backward((o, ht), (do, dht))
+    names = [a["name"] for a in BWD_ENTRY["args"]]
+    values = dict({n: None for n in names}, **{n: kw.get(n) for n in ("q", "k", "v", "g", "g_gamma", "gk", "gv",
+                                                                    "initial_state", "cu_seqlens")})
+    values.update(do=do.float(), dht=dht.float(), scale=kw["q"].shape[-1] ** -0.5, reverse=reverse,
+                  state_v_first=case == "state_v_first")
+    (dq, dk, dv, dh0), _ = launch(tuple(values[n] for n in names), BWD_SPEC, BWD_ENTRY)
+    for name, got in (("q", dq), ("k", dk), ("v", dv), ("initial_state", dh0)):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, leaves[name].grad) < 1e-4, (name, rel_err(got, leaves[name].grad))

@@ -63,6 +63,7 @@ class Output:
     dtype: Optional[str] = None            # or a fixed dtype
     when: Optional[str] = None             # Bool argument that asks for this output (else an empty tensor)
     transposed_if: Optional[str] = None
+    zeros: bool = False                    # start from zeros (the kernel accumulates into it)
 
 
 @dataclass
@@ -294,6 +295,7 @@ class OpSpec:
             "dtype_of": idx(o.dtype_of) if o.dtype_of else -1, "dtype": o.dtype or "",
             "when": idx(o.when) if o.when else -1,
             "transposed_if": idx(o.transposed_if) if o.transposed_if else -1,
+            "zeros": o.zeros,
         } for o in self.outputs]
         constexpr_names = self.constexpr_names()
         return {

@@ -1,7 +1,9 @@
 """Recurrent (token-by-token) ops: decoding and short prompts. Same signatures as fla.ops.
 
 All six are one kernel (triton_src/fused_recurrent.py) served by the manifest op
-`torch.ops.fla_aot.fused_recurrent_fwd`; CPU tensors run fla_aot.reference.fused_recurrent_reference.
+`torch.ops.fla_aot.fused_recurrent_fwd`; CPU tensors run fla_aot.reference.fused_recurrent_reference
+(differentiable by autograd). On CUDA the linear family (all but the delta rules) has a compiled
+backward (`fused_recurrent_bwd`); the delta rules' backward raises NotImplementedError for now.
 Shapes: q, k [B, T, H, K]; v [B, T, HV, V] (HV = H except for the delta rules' grouped value heads);
 g, beta [B, T, HV]; gk [B, T, HV, K]; gv [B, T, HV, V]; states [N, HV, K, V] float32
 ([N, HV, V, K] with state_v_first), N = B or the number of sequences in cu_seqlens.
@@ -10,11 +12,83 @@ import torch
 
 from fla_aot._manifest_rules import check_args
 from fla_aot._registry import MANIFEST, OPS
-from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, forward_only
+from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
 from fla_aot.reference import fused_recurrent_reference
 
 _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
 _run_fused_recurrent_fwd = OPS["fused_recurrent_fwd"]
+_run_fused_recurrent_bwd = OPS["fused_recurrent_bwd"]
+
+
+def _suffix_sums(x, reverse, bounds):
+    """Sums of x [B, T, ...] over the rest of each sequence, in processing order (reverse: t down to 0)."""
+    def one(seg):
+        return seg.cumsum(1) if reverse else seg.flip(1).cumsum(1).flip(1)
+    if bounds is None:
+        return one(x)
+    out = torch.empty_like(x)
+    for bos, eos in zip(bounds[:-1], bounds[1:]):
+        out[:, bos:eos] = one(x[:, bos:eos])
+    return out
+
+
+def _per_step(f, T, bounds):
+    """A per-sequence value f [N, ...] at every step of its sequence: [B, T, ...]."""
+    if bounds is None:
+        return f[:, None].expand(f.shape[0], T, *f.shape[1:])
+    lengths = torch.tensor([e - b for b, e in zip(bounds[:-1], bounds[1:])], device=f.device)
+    return f.repeat_interleave(lengths, dim=0, output_size=T)[None]
+
+
+def _gate_grads(q, k, v, o, do, dq, dk, dv, ht, dht, g, gk, gv, reverse, state_v_first, bounds):
+    """Gradients of the log gates. With G the running sum of the gates, S_t is scaled by exp(G_t) and the
+    inputs enter as k_s exp(-G_s), so dL/dG_t = q_t dq_t - k_t dk_t (+ o_t do_t - v_t dv_t for the
+    value gate) plus, through the final state, S_T dht; each gate gets the sum over the steps it reaches."""
+    T, HV = v.shape[1], v.shape[2]
+    acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+    dg = dgk = dgv = None
+    final = None if dht is None else ht * dht  # [N, HV, K, V] (or [N, HV, V, K])
+    if g is not None or gk is not None:
+        group = HV // q.shape[2]
+        qe, ke = q.to(acc).repeat_interleave(group, 2), k.to(acc).repeat_interleave(group, 2)
+        d = _suffix_sums(qe * dq - ke * dk, reverse, bounds)
+        if final is not None:
+            d = d + _per_step(final.sum(-2 if state_v_first else -1), T, bounds)
+        dgk = None if gk is None else d.to(gk.dtype)
+        dg = None if g is None else d.sum(-1).to(g.dtype)
+    if gv is not None:
+        d = _suffix_sums(o.to(acc) * do.to(acc) - v.to(acc) * dv, reverse, bounds)
+        if final is not None:
+            d = d + _per_step(final.sum(-1 if state_v_first else -2), T, bounds)
+        dgv = d.to(gv.dtype)
+    return dg, dgk, dgv
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """The linear family (no delta rule) on CUDA, with the compiled backward (fused_recurrent_bwd)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, g_gamma, gk, gv, initial_state, cu_seqlens, scale, reverse, state_v_first, bounds):
+        o, ht = _run_fused_recurrent_fwd(q, k, v, g, g_gamma, gk, gv, None, initial_state, cu_seqlens, scale, True,
+                                         reverse, False, False, False, state_v_first, False)
+        ctx.save_for_backward(q, k, v, g, g_gamma, gk, gv, initial_state, cu_seqlens, o, ht)
+        ctx.args = (scale, reverse, state_v_first, bounds)
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, g_gamma, gk, gv, initial_state, cu_seqlens, o, ht = ctx.saved_tensors
+        scale, reverse, state_v_first, bounds = ctx.args
+        do = torch.zeros_like(o) if do is None else do.to(o.dtype)
+        dq, dk, dv, dh0 = _run_fused_recurrent_bwd(q, k, v, g, g_gamma, gk, gv, initial_state, do, dht, cu_seqlens,
+                                                   scale, reverse, state_v_first)
+        dg, dgk, dgv = _gate_grads(q, k, v, o, do, dq, dk, dv, ht, dht, g, gk, gv, reverse, state_v_first, bounds)
+        B, T, H, K = q.shape
+        if v.shape[2] != H:  # grouped value heads share q, k
+            dq, dk = (x.view(B, T, H, -1, K).sum(3) for x in (dq, dk))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, dgk, dgv,
+                None if initial_state is None else dh0, None, None, None, None, None)
 
 
 def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state, output_final_state, reverse,
@@ -31,7 +105,14 @@ def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state
             bool(reverse), bool(use_qk_l2norm), bool(beta_sigmoid), bool(allow_neg_eigval), bool(state_v_first),
             delta_rule)
     if q.is_cuda:
-        o, final_state = _run_fused_recurrent_fwd(*args)
+        if not delta_rule and torch.is_grad_enabled() and any(
+                x is not None and x.requires_grad for x in (q, k, v, g, gk, gv, initial_state)):
+            bounds = None if cu_seqlens is None else (cu_seqlens_cpu if cu_seqlens_cpu is not None
+                                                      else cu_seqlens.cpu()).tolist()
+            o, final_state = _LinearRecurrence.apply(q, k, v, g, g_gamma, gk, gv, initial_state, cu_seqlens,
+                                                     float(scale), bool(reverse), bool(state_v_first), bounds)
+        else:
+            o, final_state = _run_fused_recurrent_fwd(*args)
     else:
         check_args(_ENTRY, args)
         o, final_state = fused_recurrent_reference(
@@ -39,9 +120,6 @@ def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state
             output_final_state=output_final_state, reverse=reverse, use_qk_l2norm=use_qk_l2norm,
             beta_sigmoid=beta_sigmoid, allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first,
             cu_seqlens=cu_seqlens, delta_rule=delta_rule)
-        if final_state is None:
-            final_state = o.new_empty(0, dtype=torch.float32)
-        o, final_state = forward_only(op, (o, final_state), args)
     return o, (final_state if output_final_state else None)
 
 
