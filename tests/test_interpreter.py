@@ -10,12 +10,10 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit then builds interpreted kernels
 
-import inspect  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import types  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
