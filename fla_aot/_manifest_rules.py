@@ -12,13 +12,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def schema(entry):
     """The torch schema of a manifest op: its arguments in order, one Tensor per output."""
-    types = {"float": "float", "bool": "bool"}
     args = []
     for a in entry["args"]:
         if a["kind"] == "tensor":
             args.append(f"Tensor{'?' if a['optional'] else ''} {a['name']}")
         else:
-            args.append(f"{types[a['kind']]} {a['name']}")
+            args.append(f"{a['kind']} {a['name']}")  # "float" and "bool" are schema types too
     outs = ", ".join("Tensor" for _ in entry["outputs"])
     return f"{entry['name']}({', '.join(args)}) -> ({outs})"
 

@@ -99,16 +99,17 @@ def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state
         raise TypeError(f"{op}: q must be a tensor [B, T, H, K], got {type(q).__name__}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    cu_host = None
     if cu_seqlens is not None:
-        cu_seqlens = check_cu_seqlens(op, cu_seqlens, q.shape[1] if q.dim() == 4 else -1, cu_seqlens_cpu)
+        cu_seqlens, cu_host = check_cu_seqlens(op, cu_seqlens, q.shape[1] if q.dim() == 4 else -1, cu_seqlens_cpu)
     args = (q, k, v, g, g_gamma, gk, gv, beta, initial_state, cu_seqlens, float(scale), bool(output_final_state),
             bool(reverse), bool(use_qk_l2norm), bool(beta_sigmoid), bool(allow_neg_eigval), bool(state_v_first),
             delta_rule)
     if q.is_cuda:
         if not delta_rule and torch.is_grad_enabled() and any(
                 x is not None and x.requires_grad for x in (q, k, v, g, gk, gv, initial_state)):
-            bounds = None if cu_seqlens is None else (cu_seqlens_cpu if cu_seqlens_cpu is not None
-                                                      else cu_seqlens.cpu()).tolist()
+            # the host copy the checks read; made here only if they were skipped (capture, tracing)
+            bounds = None if cu_seqlens is None else (cu_host if cu_host is not None else cu_seqlens.cpu()).tolist()
             o, final_state = _LinearRecurrence.apply(q, k, v, g, g_gamma, gk, gv, initial_state, cu_seqlens,
                                                      float(scale), bool(reverse), bool(state_v_first), bounds)
         else:

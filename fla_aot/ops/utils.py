@@ -18,13 +18,14 @@ def _capturing():
 
 
 def check_cu_seqlens(op, cu_seqlens, T, cu_seqlens_cpu=None):
-    """Returns cu_seqlens as int64 after checking it: 1-D, starting at 0, non-decreasing, ending at T.
+    """Returns (cu_seqlens as int64, its host copy) after checking it: 1-D, starting at 0, non-decreasing,
+    ending at T.
 
     The value checks read a host copy: `cu_seqlens_cpu` when given, else a copy of a CUDA tensor
-    (one sync), skipped while a CUDA graph is captured or torch.compile traces.
+    (one sync), skipped while a CUDA graph is captured or torch.compile traces (the copy is then None).
     """
     if cu_seqlens is None:
-        return None
+        return None, None
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens must be a 1-D tensor [N+1] of sequence boundaries with N >= 1")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -39,7 +40,7 @@ def check_cu_seqlens(op, cu_seqlens, T, cu_seqlens_cpu=None):
             raise ValueError(f"{op}: cu_seqlens must start at 0 and end at T={T}, got {host.tolist()}")
         if bool((host[1:] < host[:-1]).any()):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {host.tolist()}")
-    return cu_seqlens
+    return cu_seqlens, host
 
 
 class _ForwardOnly(torch.autograd.Function):
