@@ -1,0 +1,294 @@
+"""Chunked (prefill and training) ops of the scalar-gated linear-attention family. Same signatures as fla.ops.
+
+chunk_simple_gla, chunk_retention and chunk_linear_attn are one computation (triton_src/chunk.py): a state
+pass over chunks of 64 tokens, split into segments scanned in parallel when the batch alone would not fill
+the GPU, with the outputs computed as the pass goes. The backward reruns the pass to get each chunk's state,
+runs it in reverse for the state gradients, then takes dq, dk, dv per chunk; the gate's gradient is the suffix
+sum of q.dq - k.dk over the sequence (plus the final state's share). CPU tensors run the reference.
+"""
+import math
+from collections import OrderedDict
+
+import torch
+
+from fla_aot._registry import OPS
+from fla_aot.ops.fused_recurrent import retention_log_decay
+from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
+from fla_aot.reference import fused_recurrent_reference
+
+CHUNK = 64
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_scan_op, _combine_op = OPS["chunk_scan"], OPS["chunk_combine"]
+_dqk_op, _dv_op = OPS["chunk_bwd_dqk"], OPS["chunk_bwd_dv"]
+
+# Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
+# fills the GPU at batch 1. A segment costs one more read of its keys and values.
+SEGMENTS_PER_SM = 2
+MIN_SEGMENT_CHUNKS = 8
+
+
+class _Tables:
+    """Where the chunks and segments of a batch lie, as the kernels read them (int32 on the device):
+    segments [S, 4] = (sequence, first token, end token, first chunk), chunks [C, 4] = (sequence, first token,
+    end token, 0), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence maps for the
+    gate gradient."""
+
+    def __init__(self, lengths, seg_chunks, device):
+        segments, chunks, seg_offsets = [], [], [0]
+        bos = 0
+        for n, length in enumerate(lengths):
+            nt = -(-length // CHUNK)
+            c0 = len(chunks)
+            chunks += [(n, bos + i * CHUNK, min(bos + (i + 1) * CHUNK, bos + length), 0) for i in range(nt)]
+            step = seg_chunks * CHUNK
+            segments += [(n, bos + s * step, min(bos + (s + 1) * step, bos + length), c0 + s * seg_chunks)
+                         for s in range(max(1, -(-nt // seg_chunks)))]
+            seg_offsets.append(len(segments))
+            bos += length
+        as_int32 = dict(dtype=torch.int32, device=device)
+        self.segments = torch.tensor(segments, **as_int32).view(-1, 4)
+        self.chunks = torch.tensor(chunks, **as_int32).view(-1, 4)
+        self.seg_offsets = torch.tensor(seg_offsets, **as_int32)
+        self.single = len(segments) == len(lengths)  # one segment per sequence: no combine step
+        self.lengths = lengths
+        ends = torch.tensor(lengths, device=device).cumsum(0)
+        lengths_t = torch.tensor(lengths, device=device)
+        self.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t,
+                                                 output_size=bos)
+        self.token_end = ends[self.token_seq]
+
+
+_TABLES = OrderedDict()
+_SM_COUNT = {}
+
+
+def _segment_chunks(lengths, H, device):
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    nts = [-(-L // CHUNK) for L in lengths]
+    target = SEGMENTS_PER_SM * _SM_COUNT[device.index]
+    if len(lengths) * H >= target:
+        return max(nts + [1])
+    return max(MIN_SEGMENT_CHUNKS, -(-sum(nts) * H // target))
+
+
+def _tables(lengths, H, device):
+    """Tables for this batch, cached (a few recent batch layouts per device)."""
+    key = (lengths, H, device)
+    tabs = _TABLES.get(key)
+    if tabs is None:
+        tabs = _Tables(lengths, _segment_chunks(lengths, H, device), device)
+        _TABLES[key] = tabs
+        if len(_TABLES) > 64:
+            _TABLES.popitem(last=False)
+    return tabs
+
+
+def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, output_ht, reverse):
+    """The state pass over every chunk: returns (o, per-chunk states, final state). Forward: x = k, y = v, and
+    o from q when given. reverse: x = q, y = do and h0 the final state's gradient; then "final" is the
+    gradient of the initial state and the stored states are the gradients at each chunk's end."""
+    write_o = q is not None
+    if tabs.single:
+        o, states, ht, _ = _scan_op(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
+                                    write_o, store_states, output_ht, reverse)
+        return o, states, ht
+    _, _, local, decay = _scan_op(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False,
+                                  False, False, True, reverse)
+    seg_init, ht = _combine_op(local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
+    o, states, _, _ = _scan_op(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
+                               write_o, store_states, False, reverse)
+    return o, states, ht
+
+
+def _gate_grad(dg_token, ht, dht, tabs, varlen):
+    """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t', plus the final state's
+    sum(ht * dht) (every step's gate scales the final state)."""
+    total = dg_token.flip(1).cumsum(1).flip(1)  # [B, T, H], sums to the end of the row
+    if varlen:
+        # subtract what lies past the end of each token's sequence
+        past = torch.cat([total, total.new_zeros(1, 1, total.shape[2])], 1)[0, tabs.token_end]
+        total = total - past[None]
+    if dht is not None:
+        final = (ht * dht).sum((-2, -1))  # [N, H]
+        total = total + (final[tabs.token_seq][None] if varlen else final[:, None])
+    return total
+
+
+class _ChunkFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen):
+        o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
+                         output_final_state, False)
+        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, ht)
+        ctx.args = (scale, state_v_first, tabs, varlen)
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, g_gamma, initial_state, ht = ctx.saved_tensors
+        scale, state_v_first, tabs, varlen = ctx.args
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        _, states, _ = _scan(k, v, None, g, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False)
+        _, dstates, dh0 = _scan(q, do, None, g, g_gamma, dht, tabs, scale, state_v_first, True,
+                                initial_state is not None, True)
+        dq, dk, dg_token = _dqk_op(q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
+        (dv,) = _dv_op(q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
+        dg = None
+        if g is not None and ctx.needs_input_grad[3]:
+            dg = _gate_grad(dg_token, ht, dht, tabs, varlen).to(g.dtype)
+        return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None
+
+
+def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
+    B, T, H, K = q.shape
+    for name, x, shape in (("k", k, (B, T, H, K)), ("v", v, (B, T, H) + tuple(v.shape[3:]))):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[:len(shape)]) != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape) if name == 'k' else [B, T, H, 'V']}, "
+                             f"got {list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _FLOAT:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {x.dtype}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{op}: q, k, v must be on one device, got {q.device} and {x.device}")
+    V = v.shape[3]
+    if g is not None:
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
+            raise ValueError(f"{op}: g must have shape [B, T, H] = {[B, T, H]}, got "
+                             f"{list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+        if g.dtype not in _FLOAT:
+            raise TypeError(f"{op}: g must be a float tensor, got {g.dtype}")
+    if g_gamma is not None and (not isinstance(g_gamma, torch.Tensor) or tuple(g_gamma.shape) != (H,)):
+        raise ValueError(f"{op}: g_gamma must have shape [H] = [{H}]")
+    if initial_state is not None:
+        want = (N, H, V, K) if state_v_first else (N, H, K, V)
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+            raise ValueError(f"{op}: initial_state must have shape {list(want)} ([N, H, {'V, K' if state_v_first else 'K, V'}]"
+                             f", N = {'number of sequences' if N != B else 'batch'}), got "
+                             f"{list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__}")
+        if not initial_state.is_floating_point():
+            raise TypeError(f"{op}: initial_state must be a float tensor, got {initial_state.dtype}")
+    for name, x in (("g", g), ("g_gamma", g_gamma), ("initial_state", initial_state)):
+        if x is not None and x.device != q.device:
+            raise ValueError(f"{op}: {name} must be on {q.device}, got {x.device}")
+
+
+def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+           cu_seqlens_cpu):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
+    B, T, H, K = q.shape
+    cu_host = None
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"{op}: with cu_seqlens the batch size must be 1 (sequences concatenated along T), "
+                             f"got B={B}")
+        cu_seqlens, cu_host = check_cu_seqlens(op, cu_seqlens, T, cu_seqlens_cpu)
+        N = cu_seqlens.numel() - 1
+    else:
+        N = B
+    _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N)
+    if scale is None:
+        scale = K ** -0.5
+    if g_gamma is not None and g_gamma.dtype != torch.float32:
+        g_gamma = g_gamma.float()
+    if initial_state is not None and initial_state.dtype != torch.float32:
+        initial_state = initial_state.float()
+    if not q.is_cuda:
+        o, ht = fused_recurrent_reference(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, state_v_first=state_v_first,
+                                          cu_seqlens=cu_seqlens)
+        return o, ht
+    if cu_seqlens is not None:
+        if cu_host is None:
+            raise ValueError(f"{op}: while a CUDA graph is captured, pass cu_seqlens_cpu (the kernels' chunk tables "
+                             f"are built from the host copy)")
+        bounds = [int(b) for b in cu_host.tolist()]
+        lengths = tuple(e - b for b, e in zip(bounds[:-1], bounds[1:]))
+    else:
+        lengths = (T,) * B
+    tabs = _tables(lengths, H, q.device)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = None if g is None else g.contiguous()
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    o, ht = _ChunkFunction.apply(q, k, v, g, g_gamma, initial_state, float(scale), bool(state_v_first),
+                                 bool(output_final_state), tabs, cu_seqlens is not None)
+    return o, (ht if output_final_state else None)
+
+
+def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
+                     state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+    """Simple GLA in chunks: S_t = exp(g_t) S_{t-1} + k_t^T v_t with a scalar gate g [B, T, H] and/or a per-head
+    constant g_gamma [H] (log space), o_t = scale * q_t S_t. Returns (o, final_state)."""
+    op = "chunk_simple_gla"
+    if kwargs:
+        check_kwargs(op, kwargs)
+    return _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+                  cu_seqlens_cpu)
+
+
+def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    """Retention (RetNet) in chunks: simple GLA with g_gamma[h] = log(1 - 2^(-5-h)). Returns (o, final_state)."""
+    op = "chunk_retention"
+    if kwargs:
+        check_kwargs(op, kwargs)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
+    return _chunk(op, q, k, v, None, retention_log_decay(q.shape[2], q.device), scale, initial_state,
+                  output_final_state, False, cu_seqlens, kwargs.get("cu_seqlens_cpu"))
+
+
+def _normalize(o, q, k, scale, z_init, cu_seqlens):
+    """fla's normalized linear attention: o_t / (scale q_t . z_t) with z_t = z_init + the keys summed up to t
+    (per sequence); also returns z at each sequence's end [N, 1, H, K]."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(acc)
+    if cu_seqlens is None:
+        z = kf.cumsum(1)
+        if z_init is not None:
+            z = z + z_init.to(acc)
+        z_last = z[:, -1:] if z.shape[1] else (z_init.to(acc) if z_init is not None else kf.new_zeros(k.shape[0], 1, *k.shape[2:]))
+    else:
+        bounds = cu_seqlens.tolist()
+        parts, lasts = [], []
+        for n, (b, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            start = kf.new_zeros(1, 1, *k.shape[2:]) if z_init is None else z_init[n:n + 1].to(acc)
+            zs = start + kf[:, b:e].cumsum(1)
+            parts.append(zs)
+            lasts.append(zs[:, -1:] if e > b else start)
+        z = torch.cat(parts, 1)
+        z_last = torch.cat(lasts, 0)
+    denom = (q.to(acc) * scale * z).sum(-1, keepdim=True) + 1e-10
+    return (o.to(acc) / denom).to(o.dtype), z_last.float()
+
+
+def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
+                      cu_seqlens=None):
+    """Linear attention in chunks, S_t = S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t. With normalize (fla's default)
+    o_t is divided by scale * q_t . z_t, z_t the running key sum; the state is then a pair (S, z [N, 1, H, K])
+    (initial_state may be one). Returns (o, final_state)."""
+    op = "chunk_linear_attn"
+    if normalize and isinstance(initial_state, tuple):
+        kv_init, z_init = initial_state
+    else:
+        kv_init, z_init = initial_state, None
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    o, ht = _chunk(op, q, k, v, None, None, scale, kv_init, output_final_state, False, cu_seqlens, None)
+    if normalize:
+        if z_init is not None and (not isinstance(z_init, torch.Tensor) or z_init.dim() != 4):
+            raise ValueError(f"{op}: the z part of initial_state must be a tensor [N, 1, H, K]")
+        if cu_seqlens is not None and cu_seqlens.dtype == torch.int32:
+            cu_seqlens = cu_seqlens.long()
+        o, z_last = _normalize(o, q, k, scale, z_init, cu_seqlens)
+        return o, ((ht, z_last) if output_final_state else None)
+    return o, ht

@@ -1,0 +1,394 @@
+"""Chunked parallel form of the scalar-gated linear-attention family (simple GLA, retention, linear attention).
+
+Per head, with chunks of BT = 64 tokens, G_i the running sum of the log gate inside the chunk (G_L at its
+last token) and h the state [K, V] at the chunk's start:
+
+    o_i     = scale * (exp(G_i) q_i h + sum_{j<=i} exp(G_i - G_j) (q_i . k_j) v_j)
+    h_next  = exp(G_L) h + sum_j exp(G_L - G_j) k_j^T v_j
+    dh_prev = exp(G_L) dh + scale * sum_i exp(G_i) q_i^T do_i                  (backward, chunks in reverse)
+
+The chunk-to-chunk state pass is a linear recurrence, so long sequences are split into segments scanned in
+parallel: `chunk_scan` run over each segment from a zero state gives the segment's own final state and total
+decay, `chunk_combine` walks the segments of a sequence to get each segment's starting state, and a second
+`chunk_scan` from those states writes the outputs (or the per-chunk states the backward needs). A sequence
+that is one segment takes the second scan only. Segment and chunk tables (int32, built by fla_aot/ops/chunk.py)
+carry the sequence boundaries, so varlen batches and fixed-length ones run the same code.
+"""
+import triton
+import triton.language as tl
+
+from tools.kernel_spec import AlignedAxis, Bool, BoolAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
+from triton_src.fused_recurrent import _load_f32
+
+CHUNK = 64
+
+
+@triton.jit
+def _dot(a, b):
+    # float32 inputs get exact float32 products; 16-bit inputs run on the tensor cores with float32 sums
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _chunk_log_gates(g, g_gamma, i_h, H, t0, t1, g_dtype, g_gamma_dtype, BT: tl.constexpr):
+    """Running sum G of the log gate over the chunk's tokens [t0, t1), and G at the chunk's last token."""
+    o_t = t0 + tl.arange(0, BT)
+    mask_t = o_t < t1
+    b_g = _load_f32(g, o_t * H + i_h, mask_t & (g_dtype != 0), g_dtype, 0.)
+    if g_gamma_dtype != 0:
+        b_g += tl.where(mask_t, tl.load(g_gamma + i_h), 0.)
+    b_G = tl.cumsum(b_g, 0)
+    return b_G, tl.sum(tl.where(tl.arange(0, BT) == BT - 1, b_G, 0.))  # padding rows keep the last value
+
+
+@triton.jit
+def _state_offsets(o_k, o_v, K, V, v_first):
+    # [K, V] row-major, or [V, K] for fla's state_v_first layout
+    if v_first != 0:
+        off = o_v[None, :] * K + o_k[:, None]
+    else:
+        off = o_k[:, None] * V + o_v[None, :]
+    return off
+
+
+@triton.jit
+def chunk_scan_kernel(
+    x, y, q, g, g_gamma, h0, segments,
+    o, states, ht, seg_decay,
+    g_dtype, g_gamma_dtype, h0_dtype,
+    scale, H, K, V, state_v_first, write_o, store_states, output_ht,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """One segment's chunks in order. Forward (x = k, y = v): h is the state; with write_o, o from q.
+    REVERSE (x = q, y = do): h is the state's gradient, chunks walked backwards. store_states keeps h as
+    each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels."""
+    i_sh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_s = i_sh // H
+    i_h = i_sh % H
+    bos = tl.load(segments + i_s * 4 + 1).to(tl.int64)
+    eos = tl.load(segments + i_s * 4 + 2).to(tl.int64)
+    c0 = tl.load(segments + i_s * 4 + 3).to(tl.int64)
+    NT = tl.cdiv((eos - bos).to(tl.int32), BT)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_v = o_v < V
+    mask_h = mask_k[:, None] & mask_v[None, :]
+    o_state = o_k[:, None] * V + o_v[None, :]
+    o_user = _state_offsets(o_k, o_v, K, V, state_v_first)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if h0_dtype != 0:
+        b_h += tl.load(h0 + (i_s * H + i_h).to(tl.int64) * K * V + o_user, mask=mask_h, other=0.)
+    b_decay = tl.zeros([BT], dtype=tl.float32)  # the segment's total log decay, in the last lane
+
+    for i in range(0, NT):
+        i_c = i
+        if REVERSE:
+            i_c = NT - 1 - i
+        t0 = bos + i_c * BT
+        o_t = t0 + tl.arange(0, BT)
+        mask_t = o_t < eos
+        b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, t0, eos, g_dtype, g_gamma_dtype, BT)
+        p_x = x + (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        b_x = tl.load(p_x, mask=mask_t[:, None] & mask_k[None, :], other=0.)
+        p_y = y + (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        b_y = tl.load(p_y, mask=mask_t[:, None] & mask_v[None, :], other=0.)
+        if store_states != 0:
+            p_s = states + ((c0 + i_c) * H + i_h) * K * V + o_state
+            tl.store(p_s, b_h.to(states.dtype.element_ty), mask=mask_h)
+        if REVERSE:
+            b_w = tl.exp(b_G) * scale
+        else:
+            if write_o != 0:
+                b_q = tl.load(q + (o_t[:, None] * H + i_h) * K + o_k[None, :],
+                              mask=mask_t[:, None] & mask_k[None, :], other=0.)
+                causal = o_t[:, None] >= o_t[None, :]
+                b_A = _dot(b_q, tl.trans(b_x))
+                b_A = b_A * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+                b_o = _dot(b_A.to(b_y.dtype), b_y)
+                b_o += _dot((b_q * tl.exp(b_G)[:, None]).to(b_q.dtype), b_h.to(b_q.dtype))
+                p_o = o + (o_t[:, None] * H + i_h) * V + o_v[None, :]
+                tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+            b_w = tl.exp(b_GL - b_G)
+        b_xw = (b_x * tl.where(mask_t, b_w, 0.)[:, None]).to(b_x.dtype)
+        b_h = b_h * tl.exp(b_GL) + _dot(tl.trans(b_xw), b_y)
+        b_decay += tl.where(tl.arange(0, BT) == BT - 1, b_GL, 0.)
+
+    if output_ht != 0:
+        tl.store(ht + (i_s * H + i_h).to(tl.int64) * K * V + o_user, b_h, mask=mask_h)
+        if i_v == 0:
+            tl.store(seg_decay + i_s * H + i_h, tl.sum(b_decay))
+
+
+@triton.jit
+def chunk_combine_kernel(
+    local, seg_decay, h0, seg_offsets,
+    seg_init, ht,
+    h0_dtype,
+    H, K, V, state_v_first, output_ht,
+    BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Walks the segments of one sequence (backwards with REVERSE): each segment's starting state is the
+    previous one's, decayed by that segment's total gate, plus that segment's own (zero-start) final state."""
+    i_nh = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    s0 = tl.load(seg_offsets + i_n)
+    s1 = tl.load(seg_offsets + i_n + 1)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_h = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_state = o_k[:, None] * V + o_v[None, :]
+    o_user = _state_offsets(o_k, o_v, K, V, state_v_first)
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if h0_dtype != 0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_user, mask=mask_h, other=0.)
+    for i in range(0, s1 - s0):
+        i_s = s0 + i
+        if REVERSE:
+            i_s = s1 - 1 - i
+        base = (i_s * H + i_h).to(tl.int64) * K * V
+        tl.store(seg_init + base + o_state, b_h, mask=mask_h)
+        b_h = b_h * tl.exp(tl.load(seg_decay + i_s * H + i_h)) + tl.load(local + base + o_state, mask=mask_h, other=0.)
+    if output_ht != 0:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_user, b_h, mask=mask_h)
+
+
+@triton.jit
+def chunk_bwd_dqk_kernel(
+    q, k, v, g, g_gamma, do, states, dstates, chunks,
+    dq, dk, dg,
+    g_dtype, g_gamma_dtype,
+    scale, H, K, V,
+    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    """dq, dk of one chunk and BK-wide slice of K, and this slice's share of q.dq - k.dk (the gate's
+    gradient before its suffix sum over the sequence, in fla_aot/ops/chunk.py), from the chunk's state h
+    (at its start) and state gradient dh (at its end)."""
+    i_ch = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_c = i_ch // H
+    i_h = i_ch % H
+    t0 = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    t1 = tl.load(chunks + i_c * 4 + 2).to(tl.int64)
+    o_t = t0 + tl.arange(0, BT)
+    mask_t = o_t < t1
+    o_k = i_k * BK + tl.arange(0, BK)
+    mask_k = o_k < K
+    mask_tk = mask_t[:, None] & mask_k[None, :]
+    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, t0, t1, g_dtype, g_gamma_dtype, BT)
+
+    p_qk = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=mask_tk, other=0.)
+    b_k = tl.load(k + p_qk, mask=mask_tk, other=0.)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    state_base = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_v = o_v < V
+        p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_tv, mask=mask_t[:, None] & mask_v[None, :], other=0.)
+        b_v = tl.load(v + p_tv, mask=mask_t[:, None] & mask_v[None, :], other=0.)
+        p_h = state_base + o_k[:, None] * V + o_v[None, :]
+        mask_h = mask_k[:, None] & mask_v[None, :]
+        b_h = tl.load(states + p_h, mask=mask_h, other=0.).to(b_do.dtype)
+        b_dh = tl.load(dstates + p_h, mask=mask_h, other=0.).to(b_do.dtype)
+        b_dA += _dot(b_do, tl.trans(b_v))
+        b_dq += _dot(b_do, tl.trans(b_h))
+        b_dk += _dot(b_v, tl.trans(b_dh))
+
+    causal = o_t[:, None] >= o_t[None, :]
+    b_dA = b_dA * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf"))) * scale
+    b_dA = b_dA.to(b_q.dtype)
+    b_dq = b_dq * (tl.exp(b_G) * scale)[:, None] + _dot(b_dA, b_k)
+    b_dk = b_dk * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None] + _dot(tl.trans(b_dA), b_q)
+    tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=mask_tk)
+    tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=mask_tk)
+    if g_dtype != 0:
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
+        tl.atomic_add(dg + o_t * H + i_h, b_dg, mask=mask_t)
+
+
+@triton.jit
+def chunk_bwd_dv_kernel(
+    q, k, g, g_gamma, do, dstates, chunks,
+    dv,
+    g_dtype, g_gamma_dtype,
+    scale, H, K, V,
+    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    """dv of one chunk and BV-wide slice of V: the intra-chunk attention's transpose applied to do, plus
+    the keys applied to the state gradient at the chunk's end."""
+    i_ch = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_c = i_ch // H
+    i_h = i_ch % H
+    t0 = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
+    t1 = tl.load(chunks + i_c * 4 + 2).to(tl.int64)
+    o_t = t0 + tl.arange(0, BT)
+    mask_t = o_t < t1
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_v = o_v < V
+    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, t0, t1, g_dtype, g_gamma_dtype, BT)
+
+    b_At = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i] = k_j . q_i
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    state_base = (i_c * H + i_h).to(tl.int64) * K * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mask_k = o_k < K
+        p_qk = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p_qk, mask=mask_t[:, None] & mask_k[None, :], other=0.)
+        b_k = tl.load(k + p_qk, mask=mask_t[:, None] & mask_k[None, :], other=0.)
+        b_dh = tl.load(dstates + state_base + o_k[:, None] * V + o_v[None, :],
+                       mask=mask_k[:, None] & mask_v[None, :], other=0.).to(b_k.dtype)
+        b_At += _dot(b_k, tl.trans(b_q))
+        b_dv += _dot(b_k, b_dh)
+
+    causal_t = o_t[None, :] >= o_t[:, None]  # i >= j
+    b_At = b_At * tl.exp(tl.where(causal_t, b_G[None, :] - b_G[:, None], float("-inf"))) * scale
+    p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
+    b_do = tl.load(do + p_tv, mask=mask_t[:, None] & mask_v[None, :], other=0.)
+    b_dv = b_dv * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None] + _dot(b_At.to(b_do.dtype), b_do)
+    tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+
+
+# ---- launch configs (see docs/tuning/chunk.md) ------------------------------------------------------------
+
+def _scan_config(BK, **_):
+    # the state tile [BK, BV] in float32 plus a chunk of x, y (and q) per step
+    return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, num_warps=4, num_stages=2)
+
+
+def _combine_config(BK, **_):
+    return dict(BV={16: 64, 32: 64, 64: 64, 128: 32, 256: 16}[BK], num_warps=4, num_stages=1)
+
+
+def _dqk_config(KP, **_):
+    return dict(BK=min(KP, 128), BV=64 if KP <= 128 else 32, BT=CHUNK, num_warps=8 if KP >= 128 else 4,
+                num_stages=2)
+
+
+def _dv_config(KP, **_):
+    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
+
+
+FLOAT_DTYPES = ["float16", "bfloat16", "float32"]
+K_BUCKETS = [16, 32, 64, 128, 256]
+
+
+def _gates():
+    return [Tensor("g", "B T H", optional=True, dtypes=FLOAT_DTYPES),
+            Tensor("g_gamma", "H", optional=True, dtypes=["float32"])]
+
+
+SPECS = [
+    OpSpec(
+        name="chunk_scan",
+        kernel=chunk_scan_kernel,
+        doc="Chunk-by-chunk state pass over segments: forward states (and outputs), or reversed, state gradients.",
+        args=[
+            Tensor("x", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("y", "B T H V", same_dtype_as="x"),
+            Tensor("q", "B T H K", optional=True, same_dtype_as="x"),
+            *_gates(),
+            Tensor("h0", "S H K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
+            Tensor("segments", "S SF", dtypes=["int32"]),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+            Bool("state_v_first"),
+            Bool("write_o"),
+            Bool("store_states"),
+            Bool("output_ht"),
+            Bool("reverse"),
+        ],
+        outputs=[
+            Output("o", "B T H V", dtype_of="y", when="write_o"),
+            Output("states", "C H K V", dtype_of="x", when="store_states"),
+            Output("ht", "S H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
+            Output("seg_decay", "S H", dtype="float32", when="output_ht"),
+        ],
+        axes=[
+            DtypeAxis("x"),
+            BucketAxis("BK", "K", K_BUCKETS),
+            BoolAxis("REVERSE", "reverse"),
+            AlignedAxis(["K", "V"]),
+        ],
+        launch_config=_scan_config,
+        grid=["S * H", "cdiv(V, BV)"],
+    ),
+    OpSpec(
+        name="chunk_combine",
+        kernel=chunk_combine_kernel,
+        doc="Each segment's starting state from the segments' own final states and decays.",
+        args=[
+            Tensor("local", "S H K V", dtypes=["float32"]),
+            Tensor("seg_decay", "S H", dtypes=["float32"]),
+            Tensor("h0", "N H K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
+            Tensor("seg_offsets", "N+1", dtypes=["int32"]),
+            Bool("state_v_first"),
+            Bool("output_ht"),
+            Bool("reverse"),
+        ],
+        outputs=[
+            Output("seg_init", "S H K V", dtype="float32"),
+            Output("ht", "N H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
+        ],
+        axes=[BucketAxis("BK", "K", K_BUCKETS), BoolAxis("REVERSE", "reverse")],
+        launch_config=_combine_config,
+        grid=["N * H", "cdiv(V, BV)"],
+    ),
+    OpSpec(
+        name="chunk_bwd_dqk",
+        kernel=chunk_bwd_dqk_kernel,
+        doc="Backward per chunk: dq, dk and the gate's per-token gradient before its suffix sum.",
+        args=[
+            Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("k", "B T H K", same_dtype_as="q"),
+            Tensor("v", "B T H V", same_dtype_as="q"),
+            *_gates(),
+            Tensor("do", "B T H V", same_dtype_as="q"),
+            Tensor("states", "C H K V", same_dtype_as="q"),
+            Tensor("dstates", "C H K V", same_dtype_as="q"),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+        ],
+        outputs=[
+            Output("dq", "B T H K", dtype_of="q"),
+            Output("dk", "B T H K", dtype_of="q"),
+            Output("dg", "B T H", dtype="float32", zeros=True),
+        ],
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
+        launch_config=_dqk_config,
+        grid=["C * H", "cdiv(K, BK)"],
+    ),
+    OpSpec(
+        name="chunk_bwd_dv",
+        kernel=chunk_bwd_dv_kernel,
+        doc="Backward per chunk: dv.",
+        args=[
+            Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("k", "B T H K", same_dtype_as="q"),
+            *_gates(),
+            Tensor("do", "B T H V", same_dtype_as="q"),
+            Tensor("dstates", "C H K V", same_dtype_as="q"),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+        ],
+        outputs=[Output("dv", "B T H V", dtype_of="q")],
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
+        launch_config=_dv_config,
+        grid=["C * H", "cdiv(V, BV)"],
+    ),
+]
