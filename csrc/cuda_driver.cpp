@@ -25,6 +25,10 @@ CudaDriver load_driver() {
   resolve(lib, "cuFuncSetAttribute", d.cuFuncSetAttribute);
   resolve(lib, "cuLaunchKernel", d.cuLaunchKernel);
   resolve(lib, "cuDeviceGetAttribute", d.cuDeviceGetAttribute);
+  resolve(lib, "cuDeviceGet", d.cuDeviceGet);
+  resolve(lib, "cuCtxGetCurrent", d.cuCtxGetCurrent);
+  resolve(lib, "cuCtxSetCurrent", d.cuCtxSetCurrent);
+  resolve(lib, "cuDevicePrimaryCtxRetain", d.cuDevicePrimaryCtxRetain);
   return d;
 }
 
@@ -33,6 +37,17 @@ CudaDriver load_driver() {
 const CudaDriver& driver() {
   static const CudaDriver d = load_driver();  // thread-safe one-time init
   return d;
+}
+
+void ensure_context(int device) {
+  const CudaDriver& cu = driver();
+  CUcontext ctx = nullptr;
+  check_cu(cu.cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
+  if (ctx != nullptr) return;
+  CUdevice dev;
+  check_cu(cu.cuDeviceGet(&dev, device), "cuDeviceGet");
+  check_cu(cu.cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+  check_cu(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
 }
 
 void check_cu(CUresult result, const char* what) {

@@ -249,6 +249,7 @@ void run_op(const OpPlan& plan, torch::jit::Stack* stack) {
   std::vector<int64_t> sym = bind_symbols(plan, args, tensors);
 
   c10::cuda::CUDAGuard guard(device);
+  ensure_context(device.index());
   const ArchVariants& arch = arch_for_device(plan, device.index());
   const Variant& v = pick_variant(plan, arch, args, tensors, sym);
 

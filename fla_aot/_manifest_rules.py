@@ -19,7 +19,9 @@ def schema(entry):
         else:
             args.append(f"{a['kind']} {a['name']}")  # "float" and "bool" are schema types too
     outs = ", ".join("Tensor" for _ in entry["outputs"])
-    return f"{entry['name']}({', '.join(args)}) -> ({outs})"
+    if len(entry["outputs"]) > 1:
+        outs = f"({outs})"  # torch writes a single return without parentheses
+    return f"{entry['name']}({', '.join(args)}) -> {outs}"
 
 
 def _effective(dims, transposed_if, args):

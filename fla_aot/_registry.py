@@ -27,7 +27,8 @@ def _make_fake(entry):
     def fake(*args):
         sym = check_args(entry, args)
         device = next(x.device for x in args if isinstance(x, torch.Tensor))
-        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in output_shapes(entry, args, sym))
+        outs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in output_shapes(entry, args, sym))
+        return outs if len(outs) > 1 else outs[0]
     fake.__name__ = f"{entry['name']}_fake"
     return fake
 
@@ -38,6 +39,7 @@ def _register(entry):
     torch.library.register_fake(f"fla_aot::{entry['name']}")(_make_fake(entry))
     torch_op = getattr(torch.ops.fla_aot, entry["name"]).default
     launch, is_compiling = _C.launch, torch.compiler.is_compiling
+    several = len(entry["outputs"]) > 1  # else torch.ops returns a bare tensor: made a 1-tuple like launch's
 
     def run(*args):
         # Eagerly, straight into C++ (a few microseconds less per call than the dispatcher). While
@@ -45,7 +47,8 @@ def _register(entry):
         # None), through torch.ops, with a backward that raises until the op has one.
         out = None if is_compiling() else launch(index, *args)
         if out is None:
-            out = forward_only(entry["name"], torch_op(*args), args)
+            out = torch_op(*args)
+            out = forward_only(entry["name"], out if several else (out,), args)
         return out
 
     run.__name__ = entry["name"]

@@ -8,7 +8,14 @@ output_shapes) together.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit then builds interpreted kernels
+import torch
+
+# The interpreter stands in for the GPU where there is none; a GPU machine runs the compiled kernels
+# (tests/test_gpu_*.py) instead. There the variable stays unset: set, it would also make torch.compile's
+# own Triton kernels (the GPU tests' fullgraph checks) run interpreted.
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: @triton.jit then builds interpreted ones
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -19,7 +26,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant  # noqa: E402
 from fla_aot.ops.fused_recurrent import retention_log_decay  # noqa: E402
@@ -28,15 +34,11 @@ from tests.fused_recurrent_cases import GROUPED, OPS, TOL, make_inputs, rel_err 
 from tools.kernel_spec import DTYPE_CODES  # noqa: E402
 from triton_src.fused_recurrent import SPECS  # noqa: E402
 
-NUMPY_OK = tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
 pytestmark = [
     # Triton's interpreter converts 1-element arrays with int() (its own code, numpy >= 1.25 warns)
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
-    # The interpreter stands in for the GPU where there is none; a GPU machine runs the compiled kernels
-    # (tests/test_gpu_*.py) and may carry a numpy the interpreter cannot use. Without a GPU, the numpy
-    # check below fails loudly instead.
-    pytest.mark.skipif(torch.cuda.is_available() and not NUMPY_OK,
-                       reason="Triton's interpreter needs numpy < 2.4; the GPU tests cover the kernels here"),
+    # Without a GPU, a numpy the interpreter cannot use fails loudly (test_numpy_is_supported_by_the_interpreter).
+    pytest.mark.skipif(HAS_GPU, reason="the GPU tests run the compiled kernels here"),
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

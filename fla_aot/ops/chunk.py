@@ -23,7 +23,7 @@ _dqk_op, _dv_op = OPS["chunk_bwd_dqk"], OPS["chunk_bwd_dv"]
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
-SEGMENTS_PER_SM = 2
+SEGMENTS_PER_SM = 1
 MIN_SEGMENT_CHUNKS = 8
 
 
@@ -104,11 +104,15 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
 def _gate_grad(dg_token, ht, dht, tabs, varlen):
     """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t', plus the final state's
     sum(ht * dht) (every step's gate scales the final state)."""
-    total = dg_token.flip(1).cumsum(1).flip(1)  # [B, T, H], sums to the end of the row
+    # suffix sum = row total - prefix sum + own term, with the scan along the innermost dim (torch's scan over
+    # T in a [B, T, H] tensor is an order of magnitude slower)
+    x = dg_token.transpose(1, 2).contiguous()  # [B, H, T]
+    prefix = x.cumsum(-1)
     if varlen:
-        # subtract what lies past the end of each token's sequence
-        past = torch.cat([total, total.new_zeros(1, 1, total.shape[2])], 1)[0, tabs.token_end]
-        total = total - past[None]
+        end = torch.cat([prefix.new_zeros(1, prefix.shape[1], 1), prefix], -1)[..., tabs.token_end]
+    else:
+        end = prefix[..., -1:]
+    total = (end - prefix + x).transpose(1, 2)
     if dht is not None:
         final = (ht * dht).sum((-2, -1))  # [N, H]
         total = total + (final[tabs.token_seq][None] if varlen else final[:, None])
@@ -285,8 +289,11 @@ def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_stat
         scale = q.shape[-1] ** -0.5
     o, ht = _chunk(op, q, k, v, None, None, scale, kv_init, output_final_state, False, cu_seqlens, None)
     if normalize:
-        if z_init is not None and (not isinstance(z_init, torch.Tensor) or z_init.dim() != 4):
-            raise ValueError(f"{op}: the z part of initial_state must be a tensor [N, 1, H, K]")
+        B, T, H, K = q.shape
+        want = (B if cu_seqlens is None else cu_seqlens.numel() - 1, 1, H, K)
+        if z_init is not None and (not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != want):
+            raise ValueError(f"{op}: the z part of initial_state must be a tensor [N, 1, H, K] = {list(want)}, got "
+                             f"{list(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init).__name__}")
         if cu_seqlens is not None and cu_seqlens.dtype == torch.int32:
             cu_seqlens = cu_seqlens.long()
         o, z_last = _normalize(o, q, k, scale, z_init, cu_seqlens)

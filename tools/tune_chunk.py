@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Times launch configs of the chunk kernels (triton_src/chunk.py) on the GPU, through Triton's JIT.
+
+    python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--quick]
+
+Runs chunk_simple_gla forward + backward (bf16, H=16, K=V=128, gate g) at the benchmark shapes B=8 T=2048,
+B=2 T=8192 and B=1 T=32768 with the four manifest ops of fla_aot.ops.chunk replaced by JIT launches of the
+same kernels, bound by name from the spec as the C++ dispatcher binds them. For one kernel (and, for the
+scan, one WRITE_O mode) at a time, each candidate config replaces the spec's launch config, and that kernel's
+GPU time per step is read from torch.profiler (host overhead excluded). Also times the segment split
+(fla_aot.ops.chunk.SEGMENTS_PER_SM). The winners go into the _*_config functions of triton_src/chunk.py by hand.
+"""
+import argparse
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fla_aot.ops as ops  # noqa: E402
+import fla_aot.ops.chunk as chunk  # noqa: E402
+from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant  # noqa: E402
+from tools.kernel_spec import DTYPE_CODES  # noqa: E402
+from triton_src.chunk import SPECS  # noqa: E402
+
+ARCH = "sm_90"
+CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
+SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
+ATTR = {"chunk_scan": "_scan_op", "chunk_combine": "_combine_op", "chunk_bwd_dqk": "_dqk_op", "chunk_bwd_dv": "_dv_op"}
+
+
+def candidates(name):
+    """(label, filter on the variant's constexprs, overrides) for the kernel `name`."""
+    if name == "chunk_scan":
+        for write_o, bv, w, s in itertools.product([True, False], [32, 64], [4, 8], [1, 2, 3]):
+            yield (f"WRITE_O={int(write_o)} BV={bv} warps={w} stages={s}", {"WRITE_O": write_o},
+                   dict(BV=bv, num_warps=w, num_stages=s))
+    elif name == "chunk_bwd_dqk":
+        for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
+            yield f"BK=128 BV={bv} warps={w} stages={s}", {}, dict(BK=128, BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_bwd_dv":
+        for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
+            yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+
+
+def jit_runner(spec, override=None, when=None):
+    """A stand-in for OPS[spec.name] launching spec.kernel through Triton's JIT; `override` replaces the
+    launch config of the variants whose constexprs match `when`."""
+    entry = spec.manifest_entry()
+    entry["variants"] = {ARCH: spec.variants()}
+    dummy = torch.zeros(1, device="cuda")
+
+    def run(*args):
+        sym = check_args(entry, args, arch=ARCH)
+        variant = pick_variant(entry, args, sym, ARCH)
+        outs = [torch.zeros(shape, dtype=dtype, device="cuda") if o["zeros"] else
+                torch.empty(shape, dtype=dtype, device="cuda")
+                for o, (shape, dtype) in zip(entry["outputs"], output_shapes(entry, args, sym))]
+        params = {}
+        for p in entry["params"]:
+            kind, i = p["kind"], p["index"]
+            params[p["name"]] = {
+                "tensor": lambda: dummy if args[i] is None else args[i],
+                "output": lambda: outs[i] if outs[i].numel() else dummy,
+                "dtype_code": lambda: 0 if args[i] is None else CODE_OF[args[i].dtype],
+                "symbol": lambda: sym[i],
+                "float": lambda: float(args[i]),
+                "bool": lambda: int(bool(args[i])),
+            }[kind]()
+        constexprs = dict(variant["constexprs"])
+        options = dict(variant["options"])
+        if override and all(constexprs.get(k) == v for k, v in (when or {}).items()):
+            for k, v in override.items():
+                (options if k in options else constexprs)[k] = v
+        grid = [math.prod(-(-sym[s] // div) for s, div in dim) for dim in spec._grid(constexprs) if dim]
+        spec.kernel[tuple(grid)](**params, **constexprs, **options)
+        return tuple(outs)
+    return run
+
+
+def step_times(B, T, kernel_names, steps=3):
+    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla."""
+    H, K = 16, 128
+    torch.manual_seed(0)
+    leaves = [torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+    do = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        o, _ = ops.chunk_simple_gla(*leaves, g=g)
+        torch.autograd.grad(o, leaves + [g], do)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.key_averages():
+        totals[ev.key] = totals.get(ev.key, 0.0) + ev.device_time_total
+    return {n: totals.get(n, 0.0) / steps / 1e3 for n in kernel_names}  # ms per step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--kernels", default="chunk_scan,chunk_bwd_dqk,chunk_bwd_dv")
+    args = p.parse_args()
+    specs = {s.name: s for s in SPECS}
+    for name, attr in ATTR.items():
+        setattr(chunk, attr, jit_runner(specs[name]))
+    kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
+    rows = ["| kernel | config | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " | sum |",
+            "|---|---|" + "---|" * (len(SHAPES) + 1)]
+
+    # segment split: the whole forward + backward
+    for spm in [1, 2, 4]:
+        chunk.SEGMENTS_PER_SM = spm
+        chunk._TABLES.clear()
+        times = [sum(step_times(B, T, list(kernel_of.values())).values()) for B, T in SHAPES]
+        rows.append(f"| all (fwd+bwd) | SEGMENTS_PER_SM={spm} | " + " | ".join(f"{t:.3f}" for t in times)
+                    + f" | {sum(times):.3f} |")
+        print(rows[-1], flush=True)
+    chunk.SEGMENTS_PER_SM = 1
+    chunk._TABLES.clear()
+
+    for name in args.kernels.split(","):
+        results = []
+        for label, when, override in candidates(name):
+            setattr(chunk, ATTR[name], jit_runner(specs[name], override, when))
+            try:
+                times = [step_times(B, T, [kernel_of[name]])[kernel_of[name]] for B, T in SHAPES]
+            except Exception as e:  # e.g. out of shared memory or registers for this config
+                print(f"{name} {label}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            results.append((sum(times), label, times))
+            print(f"{name} {label}: " + " ".join(f"{t:.3f}" for t in times), flush=True)
+        setattr(chunk, ATTR[name], jit_runner(specs[name]))
+        results.sort()
+        for total, label, times in results[:4]:
+            rows.append(f"| {name} | {label} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {total:.3f} |")
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
