@@ -1,5 +1,5 @@
 """Random inputs and float64 references for the chunk ops (chunk_simple_gla, chunk_retention,
-chunk_linear_attn), shared by the GPU and CPU tests.
+chunk_linear_attn, chunk_gla), shared by the GPU and CPU tests.
 
 The chunk ops compute exactly the recurrences of the fused_recurrent ops (only the schedule differs), so
 the reference is fla_aot.reference.fused_recurrent_reference, plus fla's output normalisation for
@@ -18,9 +18,10 @@ OPS = {
     "simple_gla": ops.chunk_simple_gla,
     "retention": ops.chunk_retention,
     "linear_attn": ops.chunk_linear_attn,
+    "gla": ops.chunk_gla,
 }
-# ops whose signature takes cu_seqlens_cpu (chunk_simple_gla by name, chunk_retention through **kwargs)
-TAKES_CU_SEQLENS_CPU = ("simple_gla", "retention")
+# ops whose signature takes cu_seqlens_cpu (chunk_simple_gla and chunk_gla by name, chunk_retention through **kwargs)
+TAKES_CU_SEQLENS_CPU = ("simple_gla", "retention", "gla")
 
 # chunk kernels run matmuls (tensor cores, tf32 for fp32) and cast intermediates to the input dtype,
 # so they are looser than the fused_recurrent TOL
@@ -57,6 +58,9 @@ def make_inputs(op, B=2, T=65, H=2, K=32, V=48, dtype=torch.bfloat16, gate_dtype
             kw["g"] = (-lo * (1 - torch.rand(B, T, H, **r))).to(gate_dtype)
         if "g_gamma" in gates:
             kw["g_gamma"] = -lo * (1 - torch.rand(H, **r))
+    if op == "gla":
+        # per-key gate: logsigmoid(x - 2) forgets fast (exp(G_i - G_j) spans ~e^-140 in a chunk), +3 barely decays
+        kw["g"] = F.logsigmoid(randn(B, T, H, K) + (-2.0 if strong_gates else 3.0)).to(gate_dtype)
     if initial_state:
         shape = (N, H, V, K) if state_v_first else (N, H, K, V)
         kw["initial_state"] = randn(*shape)
@@ -119,6 +123,8 @@ def reference(op, kw):
         return linear_attn_reference(**r)
     if op == "retention":
         r["g_gamma"] = retention_log_decay(r["q"].shape[2], "cpu").double()
+    if op == "gla":
+        r["gk"] = r.pop("g")
     return fused_recurrent_reference(**r)
 
 

@@ -16,32 +16,46 @@ from tests.fused_recurrent_cases import rel_err  # noqa: E402
 from triton_src.chunk import SPECS  # noqa: E402
 
 
+# manifest op -> where fla_aot.ops.chunk keeps its runner (a dict keyed by "is GLA" for the gate-dependent ops)
+RUNNERS = {"chunk_scan": ("_scan_op", False), "chunk_gla_scan": ("_scan_op", True),
+           "chunk_bwd_dqk": ("_dqk_op", False), "chunk_gla_bwd_dqk": ("_dqk_op", True),
+           "chunk_bwd_dv": ("_dv_op", False), "chunk_gla_bwd_dv": ("_dv_op", True),
+           "chunk_combine": ("_combine_op", None), "chunk_gk_cumsum": ("_gk_cumsum_op", None)}
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
+    assert set(RUNNERS) == {spec.name for spec in SPECS}
     for spec in SPECS:
         entry = _manifest_entry(spec)
 
         def run(*args, spec=spec, entry=entry):
             outs, _ = launch(args, spec, entry)
             return tuple(outs)
-        monkeypatch.setattr(chunk, f"_{spec.name.replace('chunk_bwd_', '').replace('chunk_', '')}_op", run)
+        attr, key = RUNNERS[spec.name]
+        if key is None:
+            monkeypatch.setattr(chunk, attr, run)
+        else:
+            monkeypatch.setitem(getattr(chunk, attr), key, run)
 
 
-def _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, state_v_first=False, dht=True):
-    """Forward and backward through the kernels; returns outputs and gradients."""
+def _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, state_v_first=False, gla=False):
+    """Forward through the kernels; returns outputs and the leaves to take gradients of."""
     tabs = chunk._Tables(lengths, seg_chunks, q.device)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
     o, ht = chunk._ChunkFunction.apply(leaves[0], leaves[1], leaves[2], leaves[3], g_gamma, leaves[4],
-                                       q.shape[-1] ** -0.5, state_v_first, True, tabs, len(lengths) != q.shape[0])
+                                       q.shape[-1] ** -0.5, state_v_first, True, tabs, len(lengths) != q.shape[0],
+                                       gla)
     return o, ht, leaves
 
 
-def _reference(q, k, v, g, g_gamma, h0, lengths, state_v_first, do, dht):
+def _reference(q, k, v, g, g_gamma, h0, lengths, state_v_first, do, dht, gla=False):
     cu = None
     if len(lengths) != q.shape[0]:
         cu = torch.tensor([0] + list(lengths)).cumsum(0)
     leaves = [x.double().clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
-    o, ht = fused_recurrent_reference(leaves[0], leaves[1], leaves[2], g=leaves[3],
+    o, ht = fused_recurrent_reference(leaves[0], leaves[1], leaves[2], g=None if gla else leaves[3],
+                                      gk=leaves[3] if gla else None,
                                       g_gamma=None if g_gamma is None else g_gamma.double(),
                                       initial_state=leaves[4], output_final_state=True, state_v_first=state_v_first,
                                       cu_seqlens=cu)
@@ -57,6 +71,10 @@ CASES = {
     "no_gate_head_dims": (1, None, 60, 40, None, False, False, 2),
     "varlen_segments": (1, (0, 70, 5, 130), 16, 16, "g", True, False, 1),
     "varlen_one_segment": (1, (0, 70, 5, 130), 16, 16, "gamma", True, False, 100),
+    # GLA's per-key gate: strong enough that exp(G_i - G_j) spans ~e^-60 within a chunk
+    "gla_one_segment": (2, None, 16, 32, "gk", True, False, 100),
+    "gla_segments_v_first": (1, None, 20, 16, "gk", True, True, 1),
+    "gla_varlen": (1, (0, 70, 5, 130), 16, 16, "gk", True, False, 1),
 }
 
 
@@ -67,17 +85,21 @@ def test_chunk_forward_and_backward(interpreted, case):
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)
     H = 2
+    gla = gates == "gk"
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
     v = torch.randn(B, T, H, V)
-    g = -0.3 * torch.rand(B, T, H) if gates in ("g", "g+gamma") else None
+    if gla:
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0)
+    else:
+        g = -0.3 * torch.rand(B, T, H) if gates in ("g", "g+gamma") else None
     g_gamma = -0.2 * torch.rand(H) if gates in ("gamma", "g+gamma") else None
     h0 = torch.randn(N, H, *((V, K) if v_first else (K, V))) if with_h0 else None
     lengths = lengths or (T,) * B
     do, dht = torch.randn(B, T, H, V), torch.randn(N, H, *((V, K) if v_first else (K, V)))
 
-    o, ht, leaves = _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, v_first)
+    o, ht, leaves = _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, v_first, gla)
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
-    ref_o, ref_ht, ref_leaves = _reference(q, k, v, g, g_gamma, h0, lengths, v_first, do, dht)
+    ref_o, ref_ht, ref_leaves = _reference(q, k, v, g, g_gamma, h0, lengths, v_first, do, dht, gla)
     assert rel_err(o, ref_o) < 1e-5, rel_err(o, ref_o)
     assert rel_err(ht, ref_ht) < 1e-5, rel_err(ht, ref_ht)
 

@@ -30,7 +30,19 @@ from triton_src.chunk import SPECS  # noqa: E402
 ARCH = "sm_90"
 CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
-ATTR = {"chunk_scan": "_scan_op", "chunk_combine": "_combine_op", "chunk_bwd_dqk": "_dqk_op", "chunk_bwd_dv": "_dv_op"}
+# manifest op -> (attribute of fla_aot.ops.chunk holding its runner, key in that dict or None)
+ATTR = {"chunk_scan": ("_scan_op", False), "chunk_gla_scan": ("_scan_op", True),
+        "chunk_bwd_dqk": ("_dqk_op", False), "chunk_gla_bwd_dqk": ("_dqk_op", True),
+        "chunk_bwd_dv": ("_dv_op", False), "chunk_gla_bwd_dv": ("_dv_op", True),
+        "chunk_combine": ("_combine_op", None), "chunk_gk_cumsum": ("_gk_cumsum_op", None)}
+
+
+def install(name, runner):
+    attr, key = ATTR[name]
+    if key is None:
+        setattr(chunk, attr, runner)
+    else:
+        getattr(chunk, attr)[key] = runner
 
 
 def candidates(name):
@@ -111,8 +123,8 @@ def main():
     p.add_argument("--kernels", default="chunk_scan,chunk_bwd_dqk,chunk_bwd_dv")
     args = p.parse_args()
     specs = {s.name: s for s in SPECS}
-    for name, attr in ATTR.items():
-        setattr(chunk, attr, jit_runner(specs[name]))
+    for name in ATTR:
+        install(name, jit_runner(specs[name]))
     kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
     rows = ["| kernel | config | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " | sum |",
             "|---|---|" + "---|" * (len(SHAPES) + 1)]
@@ -131,7 +143,7 @@ def main():
     for name in args.kernels.split(","):
         results = []
         for label, when, override in candidates(name):
-            setattr(chunk, ATTR[name], jit_runner(specs[name], override, when))
+            install(name, jit_runner(specs[name], override, when))
             try:
                 times = [step_times(B, T, [kernel_of[name]])[kernel_of[name]] for B, T in SHAPES]
             except Exception as e:  # e.g. out of shared memory or registers for this config
@@ -139,7 +151,7 @@ def main():
                 continue
             results.append((sum(times), label, times))
             print(f"{name} {label}: " + " ".join(f"{t:.3f}" for t in times), flush=True)
-        setattr(chunk, ATTR[name], jit_runner(specs[name]))
+        install(name, jit_runner(specs[name]))
         results.sort()
         for total, label, times in results[:4]:
             rows.append(f"| {name} | {label} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {total:.3f} |")

@@ -1,6 +1,6 @@
-"""Chunked (prefill and training) ops of the scalar-gated linear-attention family. Same signatures as fla.ops.
+"""Chunked (prefill and training) ops of the gated linear-attention family. Same signatures as fla.ops.
 
-chunk_simple_gla, chunk_retention and chunk_linear_attn are one computation (triton_src/chunk.py): a state
+chunk_simple_gla, chunk_retention, chunk_linear_attn and chunk_gla are one computation (triton_src/chunk.py): a state
 pass over chunks of 64 tokens, split into segments scanned in parallel when the batch alone would not fill
 the GPU, with the outputs computed as the pass goes. The backward reruns the pass to get each chunk's state,
 runs it in reverse for the state gradients, then takes dq, dk, dv per chunk; the gate's gradient is the suffix
@@ -18,8 +18,11 @@ from fla_aot.reference import fused_recurrent_reference
 
 CHUNK = 64
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_scan_op, _combine_op = OPS["chunk_scan"], OPS["chunk_combine"]
-_dqk_op, _dv_op = OPS["chunk_bwd_dqk"], OPS["chunk_bwd_dv"]
+_combine_op, _gk_cumsum_op = OPS["chunk_combine"], OPS["chunk_gk_cumsum"]
+# per gate kind (False: scalar gates, True: GLA's per-key gate): the state pass and the backward's per-chunk ops
+_scan_op = {False: OPS["chunk_scan"], True: OPS["chunk_gla_scan"]}
+_dqk_op = {False: OPS["chunk_bwd_dqk"], True: OPS["chunk_gla_bwd_dqk"]}
+_dv_op = {False: OPS["chunk_bwd_dv"], True: OPS["chunk_gla_bwd_dv"]}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
@@ -84,70 +87,76 @@ def _tables(lengths, H, device):
     return tabs
 
 
-def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, output_ht, reverse):
+def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, output_ht, reverse, gla):
     """The state pass over every chunk: returns (o, per-chunk states, final state). Forward: x = k, y = v, and
     o from q when given. reverse: x = q, y = do and h0 the final state's gradient; then "final" is the
     gradient of the initial state and the stored states are the gradients at each chunk's end."""
     write_o = q is not None
+    scan = _scan_op[gla]
     if tabs.single:
-        o, states, ht, _ = _scan_op(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
-                                    write_o, store_states, output_ht, reverse)
+        o, states, ht, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
+                                write_o, store_states, output_ht, reverse)
         return o, states, ht
-    _, _, local, decay = _scan_op(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False,
-                                  False, False, True, reverse)
+    _, _, local, decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False,
+                              False, False, True, reverse)
     seg_init, ht = _combine_op(local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
-    o, states, _, _ = _scan_op(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
-                               write_o, store_states, False, reverse)
+    o, states, _, _ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
+                           write_o, store_states, False, reverse)
     return o, states, ht
 
 
-def _gate_grad(dg_token, ht, dht, tabs, varlen):
-    """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t', plus the final state's
-    sum(ht * dht) (every step's gate scales the final state)."""
+def _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first):
+    """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t' (per key for GLA's [B, T, H, K] gate),
+    plus the final state's sum(ht * dht) (every step's gate scales the final state)."""
     # suffix sum = row total - prefix sum + own term, with the scan along the innermost dim (torch's scan over
     # T in a [B, T, H] tensor is an order of magnitude slower)
-    x = dg_token.transpose(1, 2).contiguous()  # [B, H, T]
+    x = dg_token.movedim(1, -1).contiguous()  # [B, H, (K,) T]
     prefix = x.cumsum(-1)
     if varlen:
-        end = torch.cat([prefix.new_zeros(1, prefix.shape[1], 1), prefix], -1)[..., tabs.token_end]
+        end = torch.cat([prefix.new_zeros(*prefix.shape[:-1], 1), prefix], -1)[..., tabs.token_end]
     else:
         end = prefix[..., -1:]
-    total = (end - prefix + x).transpose(1, 2)
+    total = (end - prefix + x).movedim(-1, 1)
     if dht is not None:
-        final = (ht * dht).sum((-2, -1))  # [N, H]
+        final = ht * dht  # [N, H, K, V] (or [N, H, V, K])
+        final = final.sum((-2, -1)) if dg_token.dim() == 3 else final.sum(-2 if state_v_first else -1)
         total = total + (final[tabs.token_seq][None] if varlen else final[:, None])
     return total
 
 
 class _ChunkFunction(torch.autograd.Function):
+    """g is a scalar gate [B, T, H] or, with gla, GLA's per-key gate [B, T, H, K]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen):
-        o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
-                         output_final_state, False)
-        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, ht)
-        ctx.args = (scale, state_v_first, tabs, varlen)
+    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen, gla):
+        gs = _gk_cumsum_op(g, tabs.chunks)[0] if gla else g  # GLA's kernels read the gate summed per chunk
+        o, _, ht = _scan(k, v, q, gs, g_gamma, initial_state, tabs, scale, state_v_first, False,
+                         output_final_state, False, gla)
+        ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, ht)
+        ctx.args = (scale, state_v_first, tabs, varlen, gla)
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, g_gamma, initial_state, ht = ctx.saved_tensors
-        scale, state_v_first, tabs, varlen = ctx.args
+        q, k, v, g, gs, g_gamma, initial_state, ht = ctx.saved_tensors
+        scale, state_v_first, tabs, varlen, gla = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        _, states, _ = _scan(k, v, None, g, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False)
-        _, dstates, dh0 = _scan(q, do, None, g, g_gamma, dht, tabs, scale, state_v_first, True,
-                                initial_state is not None, True)
-        dq, dk, dg_token = _dqk_op(q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
-        (dv,) = _dv_op(q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
+        _, states, _ = _scan(k, v, None, gs, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False,
+                             gla)
+        _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
+                                initial_state is not None, True, gla)
+        dq, dk, dg_token = _dqk_op[gla](q, k, v, gs, g_gamma, do, states, dstates, tabs.chunks, scale)
+        (dv,) = _dv_op[gla](q, k, gs, g_gamma, do, dstates, tabs.chunks, scale)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
-            dg = _gate_grad(dg_token, ht, dht, tabs, varlen).to(g.dtype)
-        return dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None
+            dg = _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first).to(g.dtype)
+        return (dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None,
+                None)
 
 
-def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N):
+def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N, gla):
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
     B, T, H, K = q.shape
@@ -163,9 +172,12 @@ def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N):
         if x.device != q.device:
             raise ValueError(f"{op}: q, k, v must be on one device, got {q.device} and {x.device}")
     V = v.shape[3]
+    if gla and g is None:
+        raise ValueError(f"{op}: g (the per-key gate [B, T, H, K]) is required")
     if g is not None:
-        if not isinstance(g, torch.Tensor) or tuple(g.shape) != (B, T, H):
-            raise ValueError(f"{op}: g must have shape [B, T, H] = {[B, T, H]}, got "
+        want = (B, T, H, K) if gla else (B, T, H)
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != want:
+            raise ValueError(f"{op}: g must have shape [B, T, H{', K' if gla else ''}] = {list(want)}, got "
                              f"{list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
         if g.dtype not in _FLOAT:
             raise TypeError(f"{op}: g must be a float tensor, got {g.dtype}")
@@ -185,7 +197,7 @@ def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N):
 
 
 def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-           cu_seqlens_cpu):
+           cu_seqlens_cpu, gla=False):
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
     B, T, H, K = q.shape
@@ -198,7 +210,7 @@ def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, st
         N = cu_seqlens.numel() - 1
     else:
         N = B
-    _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N)
+    _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N, gla)
     if scale is None:
         scale = K ** -0.5
     if g_gamma is not None and g_gamma.dtype != torch.float32:
@@ -206,7 +218,8 @@ def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, st
     if initial_state is not None and initial_state.dtype != torch.float32:
         initial_state = initial_state.float()
     if not q.is_cuda:
-        o, ht = fused_recurrent_reference(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+        o, ht = fused_recurrent_reference(q, k, v, g=None if gla else g, gk=g if gla else None, g_gamma=g_gamma,
+                                          scale=scale, initial_state=initial_state,
                                           output_final_state=output_final_state, state_v_first=state_v_first,
                                           cu_seqlens=cu_seqlens)
         return o, ht
@@ -223,7 +236,7 @@ def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, st
     g = None if g is None else g.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
     o, ht = _ChunkFunction.apply(q, k, v, g, g_gamma, initial_state, float(scale), bool(state_v_first),
-                                 bool(output_final_state), tabs, cu_seqlens is not None)
+                                 bool(output_final_state), tabs, cu_seqlens is not None, gla)
     return o, (ht if output_final_state else None)
 
 
@@ -247,6 +260,14 @@ def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=
         raise ValueError(f"{op}: q must be a tensor [B, T, H, K]")
     return _chunk(op, q, k, v, None, retention_log_decay(q.shape[2], q.device), scale, initial_state,
                   output_final_state, False, cu_seqlens, kwargs.get("cu_seqlens_cpu"))
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
+              cu_seqlens=None, cu_seqlens_cpu=None):
+    """Gated linear attention in chunks: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t with a per-key gate g [B, T, H, K]
+    (log space), o_t = scale * q_t S_t. Returns (o, final_state)."""
+    return _chunk("chunk_gla", q, k, v, g, None, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+                  cu_seqlens_cpu, gla=True)
 
 
 def _normalize(o, q, k, scale, z_init, cu_seqlens):
