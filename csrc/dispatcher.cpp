@@ -1,5 +1,7 @@
 #include "dispatcher.h"
 
+#include <algorithm>
+#include <cctype>
 #include <fstream>
 #include <unordered_map>
 
@@ -48,6 +50,9 @@ std::string expected_str(const OpPlan& plan, const std::vector<Dim>& dims, const
 // Binds shape symbols from the present tensors; every mismatch is a ValueError naming the argument.
 std::vector<int64_t> bind_symbols(const OpPlan& plan, c10::ArrayRef<c10::IValue> args, const std::vector<at::Tensor>& tensors) {
   std::vector<int64_t> sym(plan.symbols.size(), -1);
+  for (size_t s = 0; s < sym.size(); ++s)  // a symbol that is a number is that fixed size
+    if (!plan.symbols[s].empty() && std::all_of(plan.symbols[s].begin(), plan.symbols[s].end(), ::isdigit))
+      sym[s] = std::stoll(plan.symbols[s]);
   const std::string& op = plan.name;
   for (size_t i = 0; i < plan.args.size(); ++i) {
     const Arg& a = plan.args[i];

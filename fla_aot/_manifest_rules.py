@@ -50,7 +50,7 @@ def check_args(entry, args, arch=None):
     """
     op = entry["name"]
     specs = entry["args"]
-    sym = [None] * len(entry["symbols"])
+    sym = [int(n) if n.isdigit() else None for n in entry["symbols"]]  # a number is a fixed size
     device = None
     for a, x in zip(specs, args):
         if a["kind"] != "tensor":

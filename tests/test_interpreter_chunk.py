@@ -1,6 +1,7 @@
-"""The chunk kernels of triton_src/chunk.py run on the CPU (TRITON_INTERPRET=1), driven by fla_aot/ops/chunk.py.
+"""The chunk kernels (triton_src/chunk.py, chunk_gla.py) run on the CPU (TRITON_INTERPRET=1), driven by
+fla_aot/ops/chunk.py.
 
-The four manifest ops the chunk ops call are replaced by interpreter launches bound exactly as the C++
+The manifest ops the chunk ops call are replaced by interpreter launches bound exactly as the C++
 dispatcher binds them (tests/test_interpreter.launch), so the kernels, the Python glue (segment tables, the
 segmented scan, the gate gradient) and the specs are checked together against the float64 reference, forward
 and backward, with segments forced small so that the parallel-scan path runs on tiny inputs.
@@ -13,30 +14,21 @@ import torch  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
 from fla_aot.reference import fused_recurrent_reference  # noqa: E402
 from tests.fused_recurrent_cases import rel_err  # noqa: E402
-from triton_src.chunk import SPECS  # noqa: E402
+from triton_src import chunk as chunk_src, chunk_gla as chunk_gla_src  # noqa: E402
 
-
-# manifest op -> where fla_aot.ops.chunk keeps its runner (a dict keyed by "is GLA" for the gate-dependent ops)
-RUNNERS = {"chunk_scan": ("_scan_op", False), "chunk_gla_scan": ("_scan_op", True),
-           "chunk_bwd_dqk": ("_dqk_op", False), "chunk_gla_bwd_dqk": ("_dqk_op", True),
-           "chunk_bwd_dv": ("_dv_op", False), "chunk_gla_bwd_dv": ("_dv_op", True),
-           "chunk_combine": ("_combine_op", None), "chunk_gk_cumsum": ("_gk_cumsum_op", None)}
+SPECS = chunk_src.SPECS + chunk_gla_src.SPECS
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    assert set(RUNNERS) == {spec.name for spec in SPECS}
+    assert set(chunk._ops) == {spec.name for spec in SPECS}
     for spec in SPECS:
         entry = _manifest_entry(spec)
 
         def run(*args, spec=spec, entry=entry):
             outs, _ = launch(args, spec, entry)
             return tuple(outs)
-        attr, key = RUNNERS[spec.name]
-        if key is None:
-            monkeypatch.setattr(chunk, attr, run)
-        else:
-            monkeypatch.setitem(getattr(chunk, attr), key, run)
+        monkeypatch.setitem(chunk._ops, spec.name, run)
 
 
 def _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, state_v_first=False, gla=False):

@@ -5,8 +5,8 @@
 
 Writes <out>/sm_<arch>/<op>.<variant>.cubin and <out>/manifest.json (op schemas, argument shapes,
 kernel parameter bindings and, per arch, each variant's guards, grid and launch metadata). Compiled
-variants are cached in <out>/cache keyed on the family's source, the Triton version, the arch and the
-variant, so a rerun with nothing changed takes seconds. Exits non-zero naming the kernel that failed.
+variants are cached in <out>/cache keyed on the family's source (and the triton_src modules it imports), the
+Triton version, the arch and the variant, so a rerun with nothing changed takes seconds. Exits non-zero naming the kernel that failed.
 """
 import argparse
 import concurrent.futures as cf
@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -37,9 +38,21 @@ def _family_specs(family):
     return _family_module(family).SPECS
 
 
+def _source_files(module, seen=None):
+    """The module's file and those of the triton_src modules it imports, transitively (kernels call helpers
+    across families). The spec machinery is not among them: what it decides is in the variant, part of the key."""
+    seen = seen if seen is not None else {}
+    path = Path(module.__file__)
+    if path not in seen:
+        seen[path] = None
+        for name in sorted(set(re.findall(r"^\s*(?:from|import)\s+(triton_src\.\w+)", path.read_text(), re.M))):
+            _source_files(importlib.import_module(name), seen)
+    return list(seen)
+
+
 def _source_hash(family):
     h = hashlib.sha256()
-    for path in (Path(_family_module(family).__file__), ROOT / "tools" / "kernel_spec.py"):
+    for path in _source_files(_family_module(family)):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -79,7 +92,6 @@ def _compile_one(job):
 
 
 def _count_scratch_params(ptx, name, variant):
-    import re
     m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
     n_ptx = len(re.findall(r"\.param\s", m.group(1))) if m else 0
     n_own = sum(1 for t in variant["signature"].values() if t != "constexpr")

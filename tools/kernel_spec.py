@@ -24,10 +24,10 @@ TRITON_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64
 
 
 def _parse_shape(shape: str):
-    """"B T H K" -> [("B", 0), ...]; "N+1" -> [("N", 1)]."""
+    """"B T H K" -> [("B", 0), ...]; "N+1" -> [("N", 1)]; a number is a fixed size, a symbol bound to its own value."""
     dims = []
     for tok in shape.split():
-        m = re.fullmatch(r"([A-Za-z_]\w*)(?:\+(\d+))?", tok)
+        m = re.fullmatch(r"([A-Za-z_]\w*|\d+)(?:\+(\d+))?", tok)
         if not m:
             raise ValueError(f"bad shape token {tok!r} in {shape!r}")
         dims.append((m.group(1), int(m.group(2) or 0)))

@@ -3,9 +3,9 @@
 
     python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--quick]
 
-Runs chunk_simple_gla forward + backward (bf16, H=16, K=V=128, gate g) at the benchmark shapes B=8 T=2048,
-B=2 T=8192 and B=1 T=32768 with the four manifest ops of fla_aot.ops.chunk replaced by JIT launches of the
-same kernels, bound by name from the spec as the C++ dispatcher binds them. For one kernel (and, for the
+Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla forward + backward (bf16, H=16, K=V=128) at the
+benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
+JIT launches of the same kernels, bound by name from the spec as the C++ dispatcher binds them. For one kernel (and, for the
 scan, one WRITE_O mode) at a time, each candidate config replaces the spec's launch config, and that kernel's
 GPU time per step is read from torch.profiler (host overhead excluded). Also times the segment split
 (fla_aot.ops.chunk.SEGMENTS_PER_SM). The winners go into the _*_config functions of triton_src/chunk.py by hand.
@@ -25,24 +25,16 @@ import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
 from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant  # noqa: E402
 from tools.kernel_spec import DTYPE_CODES  # noqa: E402
-from triton_src.chunk import SPECS  # noqa: E402
+from triton_src import chunk as chunk_src, chunk_gla as chunk_gla_src  # noqa: E402
 
 ARCH = "sm_90"
 CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
-# manifest op -> (attribute of fla_aot.ops.chunk holding its runner, key in that dict or None)
-ATTR = {"chunk_scan": ("_scan_op", False), "chunk_gla_scan": ("_scan_op", True),
-        "chunk_bwd_dqk": ("_dqk_op", False), "chunk_gla_bwd_dqk": ("_dqk_op", True),
-        "chunk_bwd_dv": ("_dv_op", False), "chunk_gla_bwd_dv": ("_dv_op", True),
-        "chunk_combine": ("_combine_op", None), "chunk_gk_cumsum": ("_gk_cumsum_op", None)}
+SPECS = chunk_src.SPECS + chunk_gla_src.SPECS
 
 
 def install(name, runner):
-    attr, key = ATTR[name]
-    if key is None:
-        setattr(chunk, attr, runner)
-    else:
-        getattr(chunk, attr)[key] = runner
+    chunk._ops[name] = runner
 
 
 def candidates(name):
@@ -57,6 +49,18 @@ def candidates(name):
     elif name == "chunk_bwd_dv":
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_gla_intra":
+        for w, s in itertools.product([1, 2, 4, 8], [1, 2]):
+            yield f"warps={w} stages={s}", {}, dict(num_warps=w, num_stages=s)
+    elif name == "chunk_gla_bwd_intra":
+        for bk, w, s in itertools.product([32, 64], [2, 4, 8], [1, 2]):
+            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
+    elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
+        for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
+            yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_gla_scan":
+        for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
+            yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
 
 
 def jit_runner(spec, override=None, when=None):
@@ -94,16 +98,16 @@ def jit_runner(spec, override=None, when=None):
     return run
 
 
-def step_times(B, T, kernel_names, steps=3):
-    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla."""
+def step_times(B, T, kernel_names, steps=3, gla=False):
+    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla (or chunk_gla)."""
     H, K = 16, 128
     torch.manual_seed(0)
     leaves = [torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, H, *([K] if gla else []), device="cuda")).requires_grad_()
     do = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        o, _ = ops.chunk_simple_gla(*leaves, g=g)
+        o, _ = ops.chunk_gla(*leaves, g) if gla else ops.chunk_simple_gla(*leaves, g=g)
         torch.autograd.grad(o, leaves + [g], do)
     step()
     torch.cuda.synchronize()
@@ -121,16 +125,17 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--kernels", default="chunk_scan,chunk_bwd_dqk,chunk_bwd_dv")
+    p.add_argument("--no-split", action="store_true", help="skip timing the segment split")
     args = p.parse_args()
     specs = {s.name: s for s in SPECS}
-    for name in ATTR:
+    for name in chunk._ops:
         install(name, jit_runner(specs[name]))
     kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
     rows = ["| kernel | config | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " | sum |",
             "|---|---|" + "---|" * (len(SHAPES) + 1)]
 
     # segment split: the whole forward + backward
-    for spm in [1, 2, 4]:
+    for spm in [] if args.no_split else [1, 2, 4]:
         chunk.SEGMENTS_PER_SM = spm
         chunk._TABLES.clear()
         times = [sum(step_times(B, T, list(kernel_of.values())).values()) for B, T in SHAPES]
@@ -145,7 +150,8 @@ def main():
         for label, when, override in candidates(name):
             install(name, jit_runner(specs[name], override, when))
             try:
-                times = [step_times(B, T, [kernel_of[name]])[kernel_of[name]] for B, T in SHAPES]
+                times = [step_times(B, T, [kernel_of[name]], gla=name.startswith("chunk_gla"))[kernel_of[name]]
+                         for B, T in SHAPES]
             except Exception as e:  # e.g. out of shared memory or registers for this config
                 print(f"{name} {label}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue

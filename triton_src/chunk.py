@@ -21,7 +21,6 @@ from tools.kernel_spec import AlignedAxis, Bool, BoolAxis, BucketAxis, DtypeAxis
 from triton_src.fused_recurrent import _load_f32
 
 CHUNK = 64
-SUB_CHUNK = 16  # GLA: rows whose decays are taken exactly, pair by pair
 
 
 @triton.jit
@@ -71,71 +70,11 @@ def _key_decay(b_GL, GATE_K: tl.constexpr):
 
 
 @triton.jit
-def _causal_decay(b_G, mask_t, BT: tl.constexpr, GATE_K: tl.constexpr):
-    """exp(G_i - G_j) on i >= j (zero above the diagonal) for scalar gates; for GLA, whose decay differs per key,
-    only the causal mask (the decays are applied inside the intra-chunk products)."""
+def _causal_decay(b_G, mask_t, BT: tl.constexpr):
+    # exp(G_i - G_j) on i >= j, zero above the diagonal
     o = tl.arange(0, BT)
     causal = (o[:, None] >= o[None, :]) & mask_t[:, None]
-    if GATE_K:
-        return tl.where(causal, 1., 0.)
-    else:
-        return tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-
-
-@triton.jit
-def _gla_blocks(b_G, g, t0, t1, i_h, H, K, o_k, mask_k, J: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """For the sub-chunk J of BC rows: masks of the rows after it and in it, and the exps that factor
-    exp(G_i - G_j) through G at J's last row (i after J, j in J): both <= 1, so nothing overflows."""
-    o_i = tl.arange(0, BT)
-    valid = (t0 + o_i) < t1
-    r = t0 + J * BC + BC - 1
-    g_ref = tl.load(g + (r * H + i_h) * K + o_k, mask=mask_k & (r < t1), other=0.)
-    full = r < t1  # else no row follows J in this chunk: nothing to add (and g_ref would be missing)
-    after = valid & (o_i >= (J + 1) * BC) & full
-    inside = valid & (o_i // BC == J) & full
-    e_after = tl.where(after[:, None], tl.exp(tl.where(after[:, None], b_G - g_ref[None, :], 0.)), 0.)
-    e_inside = tl.where(inside[:, None], tl.exp(tl.where(inside[:, None], g_ref[None, :] - b_G, 0.)), 0.)
-    return after, inside, e_after, e_inside
-
-
-@triton.jit
-def _gla_partner(x, g, b_G, t0, t1, i_h, H, K, o_k, mask_k, j, LATER: tl.constexpr,
-                 BT: tl.constexpr, BC: tl.constexpr):
-    """Row p(i) = the j-th row of i's sub-chunk, gathered for every row i: x[p] and the decay between i and p,
-    exp(G_i - G_p) where p <= i (LATER False) or exp(G_p - G_i) where p >= i (LATER True), else zero."""
-    o_i = tl.arange(0, BT)
-    o_p = (o_i // BC) * BC + j
-    t_p = t0 + o_p
-    if LATER:
-        valid = (o_p >= o_i) & (t_p < t1)
-    else:
-        valid = (o_p <= o_i) & ((t0 + o_i) < t1)
-    m = valid[:, None] & mask_k[None, :]
-    off = (t_p[:, None] * H + i_h) * K + o_k[None, :]
-    b_x = tl.load(x + off, mask=m, other=0.).to(tl.float32)
-    g_p = tl.load(g + off, mask=m, other=0.)
-    if LATER:
-        e = tl.where(m, tl.exp(tl.where(m, g_p - b_G, 0.)), 0.)
-    else:
-        e = tl.where(m, tl.exp(tl.where(m, b_G - g_p, 0.)), 0.)
-    return o_p, b_x, e
-
-
-@triton.jit
-def _gla_intra_A(b_q, b_k, b_G, k, g, t0, t1, i_h, H, K, o_k, mask_k, BT: tl.constexpr, BC: tl.constexpr):
-    """GLA's intra-chunk scores A[i, j] = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i, in float32: sub-chunk pairs
-    by one product each through a reference row, the diagonal sub-chunks exactly, column by column."""
-    o_i = tl.arange(0, BT)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for J in tl.static_range(BT // BC - 1):
-        after, inside, e_after, e_inside = _gla_blocks(b_G, g, t0, t1, i_h, H, K, o_k, mask_k, J, BT, BC)
-        b_A += _dot((b_q * e_after).to(b_q.dtype), tl.trans((b_k * e_inside).to(b_k.dtype)))
-    b_qf = b_q.to(tl.float32)
-    for j in range(0, BC):
-        o_p, k_p, e = _gla_partner(k, g, b_G, t0, t1, i_h, H, K, o_k, mask_k, j, False, BT, BC)
-        a = tl.sum(b_qf * k_p * e, 1)
-        b_A += tl.where(o_i[None, :] == o_p[:, None], a[:, None], 0.)
-    return b_A
+    return tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
 
 
 @triton.jit
@@ -154,13 +93,13 @@ def chunk_scan_kernel(
     o, states, ht, seg_decay,
     g_dtype, g_gamma_dtype, h0_dtype,
     scale, H, K, V, state_v_first, store_states, output_ht, reverse,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, WRITE_O: tl.constexpr,
-    GATE_K: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr, GATE_K: tl.constexpr,
 ):
     """One segment's chunks in order. Forward (x = k, y = v): h is the state; with WRITE_O, o from q.
     reverse (x = q, y = do): h is the state's gradient, chunks walked backwards. store_states keeps h as
     each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels.
-    GATE_K: GLA's per-key gate (g = its running sum per chunk)."""
+    GATE_K: GLA's per-key gate (g = its running sum per chunk; its outputs come from triton_src/chunk_gla.py, so
+    never with WRITE_O)."""
     i_sh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_s = i_sh // H
@@ -203,11 +142,7 @@ def chunk_scan_kernel(
             # a compile-time branch: on sm_90 Triton 3.6 computed wrong outputs with these dots under a run-time if
             b_q = tl.load(q + (o_t[:, None] * H + i_h) * K + o_k[None, :],
                           mask=mask_t[:, None] & mask_k[None, :], other=0.)
-            if GATE_K:
-                b_A = _gla_intra_A(b_q, b_x, b_G, x, g, t0, t1, i_h, H, K, o_k, mask_k, BT, BC)
-            else:
-                b_A = _dot(b_q, tl.trans(b_x))
-            b_A = b_A * _causal_decay(b_G, mask_t, BT, GATE_K)
+            b_A = _dot(b_q, tl.trans(b_x)) * _causal_decay(b_G, mask_t, BT)
             b_o = _dot(b_A.to(b_y.dtype), b_y)
             b_o += _dot((b_q * _row_decay(b_G, GATE_K)).to(b_q.dtype), b_h.to(b_q.dtype))
             p_o = o + (o_t[:, None] * H + i_h) * V + o_v[None, :]
@@ -270,12 +205,11 @@ def chunk_bwd_dqk_kernel(
     dq, dk, dg,
     g_dtype, g_gamma_dtype,
     scale, H, K, V,
-    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    GATE_K: tl.constexpr,
+    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
     """dq, dk of one chunk and BK-wide slice of K, and this slice's share of q.dq - k.dk (the gate's
-    gradient before its suffix sum over the sequence, in fla_aot/ops/chunk.py; per key for GLA), from the
-    chunk's state h (at its start) and state gradient dh (at its end)."""
+    gradient before its suffix sum over the sequence, in fla_aot/ops/chunk.py), from the chunk's state h (at its
+    start) and state gradient dh (at its end)."""
     i_ch = tl.program_id(0)
     i_k = tl.program_id(1)
     i_c = i_ch // H
@@ -287,7 +221,7 @@ def chunk_bwd_dqk_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     mask_k = o_k < K
     mask_tk = mask_t[:, None] & mask_k[None, :]
-    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, K, t0, t1, o_k, mask_k, g_dtype, g_gamma_dtype, BT, GATE_K)
+    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, K, t0, t1, o_k, mask_k, g_dtype, g_gamma_dtype, BT, False)
 
     p_qk = (o_t[:, None] * H + i_h) * K + o_k[None, :]
     b_q = tl.load(q + p_qk, mask=mask_tk, other=0.)
@@ -310,35 +244,13 @@ def chunk_bwd_dqk_kernel(
         b_dq += _dot(b_do, tl.trans(b_h))
         b_dk += _dot(b_v, tl.trans(b_dh))
 
-    b_dA = b_dA * _causal_decay(b_G, mask_t, BT, GATE_K) * scale
-    b_dq = b_dq * _row_decay(b_G, GATE_K) * scale
-    b_dk = tl.where(mask_tk, b_dk * _row_decay(b_GL - b_G, GATE_K), 0.)
-    if GATE_K:
-        # dq_i += sum_j dA_ij k_j exp(G_i - G_j); dk_j += sum_i dA_ij q_i exp(G_i - G_j), per key: sub-chunk pairs
-        # through a reference row, the diagonal sub-chunks exactly
-        for J in tl.static_range(BT // BC - 1):
-            after, inside, e_after, e_inside = _gla_blocks(b_G, g, t0, t1, i_h, H, K, o_k, mask_k, J, BT, BC)
-            b_M = tl.where(after[:, None] & inside[None, :], b_dA, 0.).to(b_q.dtype)
-            b_dq += e_after * _dot(b_M, (b_k * e_inside).to(b_k.dtype))
-            b_dk += e_inside * _dot(tl.trans(b_M), (b_q * e_after).to(b_q.dtype))
-        o_i = tl.arange(0, BT)
-        for j in range(0, BC):
-            o_p, k_p, e = _gla_partner(k, g, b_G, t0, t1, i_h, H, K, o_k, mask_k, j, False, BT, BC)
-            dA_ip = tl.sum(tl.where(o_i[None, :] == o_p[:, None], b_dA, 0.), 1)
-            b_dq += dA_ip[:, None] * k_p * e
-            o_p, q_p, e = _gla_partner(q, g, b_G, t0, t1, i_h, H, K, o_k, mask_k, j, True, BT, BC)
-            dA_pj = tl.sum(tl.where(o_i[:, None] == o_p[None, :], b_dA, 0.), 0)
-            b_dk += dA_pj[:, None] * q_p * e
-    else:
-        b_dA = b_dA.to(b_q.dtype)
-        b_dq += _dot(b_dA, b_k)
-        b_dk += _dot(tl.trans(b_dA), b_q)
+    b_dA = (b_dA * _causal_decay(b_G, mask_t, BT) * scale).to(b_q.dtype)
+    b_dq = b_dq * tl.exp(b_G)[:, None] * scale + _dot(b_dA, b_k)
+    b_dk = tl.where(mask_tk, b_dk * tl.exp(b_GL - b_G)[:, None], 0.) + _dot(tl.trans(b_dA), b_q)
     tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=mask_tk)
     tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=mask_tk)
-    b_dg = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
-    if GATE_K:
-        tl.store(dg + p_qk, b_dg, mask=mask_tk)
-    elif g_dtype != 0:
+    if g_dtype != 0:
+        b_dg = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
         tl.atomic_add(dg + o_t * H + i_h, tl.sum(b_dg, 1), mask=mask_t)
 
 
@@ -348,8 +260,7 @@ def chunk_bwd_dv_kernel(
     dv,
     g_dtype, g_gamma_dtype,
     scale, H, K, V,
-    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    GATE_K: tl.constexpr,
+    KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
     """dv of one chunk and BV-wide slice of V: the intra-chunk attention's transpose applied to do, plus
     the (decayed) keys applied to the state gradient at the chunk's end."""
@@ -367,9 +278,8 @@ def chunk_bwd_dv_kernel(
     b_At = tl.zeros([BT, BT], dtype=tl.float32)  # [j, i]: the intra-chunk score of key j for query i
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     state_base = (i_c * H + i_h).to(tl.int64) * K * V
-    # GLA's per-key gates make the K blocks' scores differ: its configs take K in one block (BK >= K)
     o_k = tl.arange(0, BK)
-    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, K, t0, t1, o_k, o_k < K, g_dtype, g_gamma_dtype, BT, GATE_K)
+    b_G, b_GL = _chunk_log_gates(g, g_gamma, i_h, H, K, t0, t1, o_k, o_k < K, g_dtype, g_gamma_dtype, BT, False)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         mask_k = o_k < K
@@ -378,156 +288,129 @@ def chunk_bwd_dv_kernel(
         b_k = tl.load(k + p_qk, mask=mask_t[:, None] & mask_k[None, :], other=0.)
         b_dh = tl.load(dstates + state_base + o_k[:, None] * V + o_v[None, :],
                        mask=mask_k[:, None] & mask_v[None, :], other=0.).to(b_k.dtype)
-        if GATE_K:
-            b_At += tl.trans(_gla_intra_A(b_q, b_k, b_G, k, g, t0, t1, i_h, H, K, o_k, mask_k, BT, BC))
-            b_kw = tl.where(mask_t[:, None], b_k * _row_decay(b_GL - b_G, GATE_K), 0.).to(b_k.dtype)
-        else:
-            b_At += _dot(b_k, tl.trans(b_q))
-            b_kw = b_k
-        b_dv += _dot(b_kw, b_dh)
+        b_At += _dot(b_k, tl.trans(b_q))
+        b_dv += _dot(b_k, b_dh)
 
-    b_At = b_At * tl.trans(_causal_decay(b_G, mask_t, BT, GATE_K)) * scale
-    if not GATE_K:
-        b_dv = b_dv * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None]
+    b_At = b_At * tl.trans(_causal_decay(b_G, mask_t, BT)) * scale
+    b_dv = b_dv * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None]
     p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
     b_do = tl.load(do + p_tv, mask=mask_t[:, None] & mask_v[None, :], other=0.)
     b_dv += _dot(b_At.to(b_do.dtype), b_do)
     tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
 
 
-@triton.jit
-def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, BT: tl.constexpr):
-    """GLA's gate summed up to each token of its chunk, per key, in float32."""
-    i_ch = tl.program_id(0)
-    i_c = i_ch // H
-    i_h = i_ch % H
-    t0 = tl.load(chunks + i_c * 4 + 1).to(tl.int64)
-    t1 = tl.load(chunks + i_c * 4 + 2).to(tl.int64)
-    o_t = t0 + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m = (o_t < t1)[:, None] & (o_k < K)[None, :]
-    off = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(gcum + off, tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0), mask=m)
-
-
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
-# GLA (GATE_K) keeps more [BT, BK] float32 tiles live (gates, gathered rows, their decays): twice the warps,
-# not tuned yet.
 
-def _scan_config(BK, GATE_K, **_):
+def _scan_config(BK, **_):
     # the state tile [BK, BV] in float32 plus a chunk of x, y (and q) per step; BV=64, 4 warps, 2 stages was the
-    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output)
-    return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, BC=SUB_CHUNK,
-                num_warps=8 if GATE_K else 4, num_stages=2)
+    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output); GLA's pass
+    # (per-key gates, no output) is fastest with 1 stage
+    return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, num_warps=4, num_stages=2)
 
 
 def _combine_config(BK, **_):
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 32, 256: 16}[BK], num_warps=4, num_stages=1)
 
 
-def _dqk_config(KP, GATE_K, **_):
+def _dqk_config(KP, **_):
     # BV=32 with 4 warps and 3 stages: 1.17 ms summed over the three shapes, against 1.28 for BV=64 with 8 warps
-    if GATE_K:
-        return dict(BK=min(KP, 64), BV=32, BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=2)
-    return dict(BK=min(KP, 128), BV=32, BT=CHUNK, BC=SUB_CHUNK, num_warps=4, num_stages=3)
+    return dict(BK=min(KP, 128), BV=32, BT=CHUNK, num_warps=4, num_stages=3)
 
 
-def _dv_config(KP, GATE_K, **_):
-    if GATE_K:
-        return dict(BK=KP, BV=32, BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=1)
-    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, BC=SUB_CHUNK, num_warps=4, num_stages=2)
+def _dv_config(KP, **_):
+    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
 
 
 FLOAT_DTYPES = ["float16", "bfloat16", "float32"]
 K_BUCKETS = [16, 32, 64, 128, 256]
 
 
-def _family(prefix, gates, gate_shape, gate_k):
-    """The three gate-dependent ops: the scalar-gate family (g [B, T, H], g_gamma [H]) or GLA (gate_k: g is the
-    per-key gate's running sum per chunk, [B, T, H, K], from chunk_gk_cumsum)."""
-    def fixed(config):
-        return lambda **axes: dict(config(GATE_K=gate_k, **axes), GATE_K=gate_k)
-    return [
-        OpSpec(
-            name=f"{prefix}_scan",
-            kernel=chunk_scan_kernel,
-            doc="Chunk-by-chunk state pass over segments: forward states (and outputs), or reversed, state gradients.",
-            args=[
-                Tensor("x", "B T H K", dtypes=FLOAT_DTYPES),
-                Tensor("y", "B T H V", same_dtype_as="x"),
-                Tensor("q", "B T H K", optional=True, same_dtype_as="x"),
-                *gates,
-                Tensor("h0", "S H K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
-                Tensor("segments", "S SF", dtypes=["int32"]),
-                Tensor("chunks", "C CF", dtypes=["int32"]),
-                Float("scale"),
-                Bool("state_v_first"),
-                Bool("write_o"),
-                Bool("store_states"),
-                Bool("output_ht"),
-                Bool("reverse"),
-            ],
-            outputs=[
-                Output("o", "B T H V", dtype_of="y", when="write_o"),
-                Output("states", "C H K V", dtype_of="x", when="store_states"),
-                Output("ht", "S H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
-                Output("seg_decay", "S H K", dtype="float32", when="output_ht"),
-            ],
-            axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), BoolAxis("WRITE_O", "write_o"),
-                  AlignedAxis(["K", "V"])],
-            launch_config=fixed(_scan_config),
-            grid=["S * H", "cdiv(V, BV)"],
-        ),
-        OpSpec(
-            name=f"{prefix}_bwd_dqk",
-            kernel=chunk_bwd_dqk_kernel,
-            doc="Backward per chunk: dq, dk and the gate's per-token gradient before its suffix sum.",
-            args=[
-                Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
-                Tensor("k", "B T H K", same_dtype_as="q"),
-                Tensor("v", "B T H V", same_dtype_as="q"),
-                *gates,
-                Tensor("do", "B T H V", same_dtype_as="q"),
-                Tensor("states", "C H K V", same_dtype_as="q"),
-                Tensor("dstates", "C H K V", same_dtype_as="q"),
-                Tensor("chunks", "C CF", dtypes=["int32"]),
-                Float("scale"),
-            ],
-            outputs=[
-                Output("dq", "B T H K", dtype_of="q"),
-                Output("dk", "B T H K", dtype_of="q"),
-                Output("dg", gate_shape, dtype="float32", zeros=not gate_k),  # scalar gates: summed over K blocks
-            ],
-            axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-            launch_config=fixed(_dqk_config),
-            grid=["C * H", "cdiv(K, BK)"],
-        ),
-        OpSpec(
-            name=f"{prefix}_bwd_dv",
-            kernel=chunk_bwd_dv_kernel,
-            doc="Backward per chunk: dv.",
-            args=[
-                Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
-                Tensor("k", "B T H K", same_dtype_as="q"),
-                *gates,
-                Tensor("do", "B T H V", same_dtype_as="q"),
-                Tensor("dstates", "C H K V", same_dtype_as="q"),
-                Tensor("chunks", "C CF", dtypes=["int32"]),
-                Float("scale"),
-            ],
-            outputs=[Output("dv", "B T H V", dtype_of="q")],
-            axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-            launch_config=fixed(_dv_config),
-            grid=["C * H", "cdiv(V, BV)"],
-        ),
-    ]
+def _scan_spec(name, gates, gate_k):
+    """The state pass for scalar gates (g [B, T, H], g_gamma [H]; outputs too, with write_o) or, with gate_k, for
+    GLA (g: the per-key gate's running sum per chunk [B, T, H, K], from chunk_gk_cumsum; states only: write_o
+    must be False, GLA's outputs come from triton_src/chunk_gla.py)."""
+    write_o_axis = [] if gate_k else [BoolAxis("WRITE_O", "write_o")]
+    return OpSpec(
+        name=name,
+        kernel=chunk_scan_kernel,
+        doc="Chunk-by-chunk state pass over segments: forward states (and outputs), or reversed, state gradients.",
+        args=[
+            Tensor("x", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("y", "B T H V", same_dtype_as="x"),
+            Tensor("q", "B T H K", optional=True, same_dtype_as="x"),
+            *gates,
+            Tensor("h0", "S H K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
+            Tensor("segments", "S SF", dtypes=["int32"]),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+            Bool("state_v_first"),
+            Bool("write_o"),
+            Bool("store_states"),
+            Bool("output_ht"),
+            Bool("reverse"),
+        ],
+        outputs=[
+            Output("o", "B T H V", dtype_of="y", when="write_o"),
+            Output("states", "C H K V", dtype_of="x", when="store_states"),
+            Output("ht", "S H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
+            Output("seg_decay", "S H K", dtype="float32", when="output_ht"),
+        ],
+        axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *write_o_axis, AlignedAxis(["K", "V"])],
+        launch_config=lambda **axes: dict(_scan_config(**axes), GATE_K=gate_k,
+                                          **(dict(WRITE_O=False, num_stages=1) if gate_k else {})),
+        grid=["S * H", "cdiv(V, BV)"],
+    )
 
+
+_SCALAR_GATES = [Tensor("g", "B T H", optional=True, dtypes=FLOAT_DTYPES),
+                 Tensor("g_gamma", "H", optional=True, dtypes=["float32"])]
 
 SPECS = [
-    *_family("chunk", [Tensor("g", "B T H", optional=True, dtypes=FLOAT_DTYPES),
-                       Tensor("g_gamma", "H", optional=True, dtypes=["float32"])], "B T H", False),
-    *_family("chunk_gla", [Tensor("g", "B T H K", dtypes=["float32"]),
-                           Tensor("g_gamma", "H", optional=True, dtypes=["float32"])], "B T H K", True),
+    _scan_spec("chunk_scan", _SCALAR_GATES, False),
+    _scan_spec("chunk_gla_scan", [Tensor("g", "B T H K", dtypes=["float32"]),
+                                  Tensor("g_gamma", "H", optional=True, dtypes=["float32"])], True),
+    OpSpec(
+        name="chunk_bwd_dqk",
+        kernel=chunk_bwd_dqk_kernel,
+        doc="Backward per chunk: dq, dk and the gate's per-token gradient before its suffix sum.",
+        args=[
+            Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("k", "B T H K", same_dtype_as="q"),
+            Tensor("v", "B T H V", same_dtype_as="q"),
+            *_SCALAR_GATES,
+            Tensor("do", "B T H V", same_dtype_as="q"),
+            Tensor("states", "C H K V", same_dtype_as="q"),
+            Tensor("dstates", "C H K V", same_dtype_as="q"),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+        ],
+        outputs=[
+            Output("dq", "B T H K", dtype_of="q"),
+            Output("dk", "B T H K", dtype_of="q"),
+            Output("dg", "B T H", dtype="float32", zeros=True),  # summed over the K blocks
+        ],
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
+        launch_config=_dqk_config,
+        grid=["C * H", "cdiv(K, BK)"],
+    ),
+    OpSpec(
+        name="chunk_bwd_dv",
+        kernel=chunk_bwd_dv_kernel,
+        doc="Backward per chunk: dv.",
+        args=[
+            Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
+            Tensor("k", "B T H K", same_dtype_as="q"),
+            *_SCALAR_GATES,
+            Tensor("do", "B T H V", same_dtype_as="q"),
+            Tensor("dstates", "C H K V", same_dtype_as="q"),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+            Float("scale"),
+        ],
+        outputs=[Output("dv", "B T H V", dtype_of="q")],
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
+        launch_config=_dv_config,
+        grid=["C * H", "cdiv(V, BV)"],
+    ),
     OpSpec(
         name="chunk_combine",
         kernel=chunk_combine_kernel,
@@ -548,15 +431,5 @@ SPECS = [
         axes=[BucketAxis("BK", "K", K_BUCKETS), BoolAxis("REVERSE", "reverse")],
         launch_config=_combine_config,
         grid=["N * H", "cdiv(V, BV)"],
-    ),
-    OpSpec(
-        name="chunk_gk_cumsum",
-        kernel=chunk_gk_cumsum_kernel,
-        doc="GLA's per-key gate summed within each chunk (float32).",
-        args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), Tensor("chunks", "C CF", dtypes=["int32"])],
-        outputs=[Output("gcum", "B T H K", dtype="float32")],
-        axes=[BucketAxis("BK", "K", K_BUCKETS)],
-        launch_config=lambda BK: dict(BT=CHUNK, num_warps=4, num_stages=1),
-        grid=["C * H"],
     ),
 ]

@@ -4,7 +4,9 @@ chunk_simple_gla, chunk_retention, chunk_linear_attn and chunk_gla are one compu
 pass over chunks of 64 tokens, split into segments scanned in parallel when the batch alone would not fill
 the GPU, with the outputs computed as the pass goes. The backward reruns the pass to get each chunk's state,
 runs it in reverse for the state gradients, then takes dq, dk, dv per chunk; the gate's gradient is the suffix
-sum of q.dq - k.dk over the sequence (plus the final state's share). CPU tensors run the reference.
+sum of q.dq - k.dk over the sequence (plus the final state's share). GLA's per-key gate shares the state pass
+but takes its outputs and gradients per chunk from the states, in kernels of its own (triton_src/chunk_gla.py).
+CPU tensors run the reference.
 """
 import math
 from collections import OrderedDict
@@ -18,11 +20,10 @@ from fla_aot.reference import fused_recurrent_reference
 
 CHUNK = 64
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_combine_op, _gk_cumsum_op = OPS["chunk_combine"], OPS["chunk_gk_cumsum"]
-# per gate kind (False: scalar gates, True: GLA's per-key gate): the state pass and the backward's per-chunk ops
-_scan_op = {False: OPS["chunk_scan"], True: OPS["chunk_gla_scan"]}
-_dqk_op = {False: OPS["chunk_bwd_dqk"], True: OPS["chunk_gla_bwd_dqk"]}
-_dv_op = {False: OPS["chunk_bwd_dv"], True: OPS["chunk_gla_bwd_dv"]}
+# the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
+_ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_bwd_dqk", "chunk_bwd_dv",
+                                     "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
+                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv")}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
@@ -92,14 +93,14 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
     o from q when given. reverse: x = q, y = do and h0 the final state's gradient; then "final" is the
     gradient of the initial state and the stored states are the gradients at each chunk's end."""
     write_o = q is not None
-    scan = _scan_op[gla]
+    scan = _ops["chunk_gla_scan" if gla else "chunk_scan"]
     if tabs.single:
         o, states, ht, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
                                 write_o, store_states, output_ht, reverse)
         return o, states, ht
     _, _, local, decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False,
                               False, False, True, reverse)
-    seg_init, ht = _combine_op(local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
+    seg_init, ht = _ops["chunk_combine"](local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
     o, states, _, _ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
                            write_o, store_states, False, reverse)
     return o, states, ht
@@ -129,17 +130,24 @@ class _ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen, gla):
-        gs = _gk_cumsum_op(g, tabs.chunks)[0] if gla else g  # GLA's kernels read the gate summed per chunk
-        o, _, ht = _scan(k, v, q, gs, g_gamma, initial_state, tabs, scale, state_v_first, False,
-                         output_final_state, False, gla)
-        ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, ht)
+        if gla:
+            gs = _ops["chunk_gk_cumsum"](g, tabs.chunks)[0]  # GLA's kernels read the gate summed per chunk
+            _, states, ht = _scan(k, v, None, gs, None, initial_state, tabs, scale, state_v_first, True,
+                                  output_final_state, False, True)
+            (A,) = _ops["chunk_gla_intra"](q, k, gs, tabs.chunks, scale)
+            (o,) = _ops["chunk_gla_fwd_o"](q, v, gs, states, A, tabs.chunks, scale)
+        else:
+            gs, A = g, None
+            o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
+                             output_final_state, False, False)
+        ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, ht, A)
         ctx.args = (scale, state_v_first, tabs, varlen, gla)
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gs, g_gamma, initial_state, ht = ctx.saved_tensors
+        q, k, v, g, gs, g_gamma, initial_state, ht, A = ctx.saved_tensors
         scale, state_v_first, tabs, varlen, gla = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
@@ -147,8 +155,13 @@ class _ChunkFunction(torch.autograd.Function):
                              gla)
         _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
                                 initial_state is not None, True, gla)
-        dq, dk, dg_token = _dqk_op[gla](q, k, v, gs, g_gamma, do, states, dstates, tabs.chunks, scale)
-        (dv,) = _dv_op[gla](q, k, gs, g_gamma, do, dstates, tabs.chunks, scale)
+        if gla:
+            dq_inter, dk_inter, dA = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks, scale)
+            dq, dk, dg_token = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, tabs.chunks)
+            (dv,) = _ops["chunk_gla_bwd_dv"](k, gs, do, dstates, A, tabs.chunks)
+        else:
+            dq, dk, dg_token = _ops["chunk_bwd_dqk"](q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
+            (dv,) = _ops["chunk_bwd_dv"](q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
             dg = _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first).to(g.dtype)
