@@ -168,11 +168,12 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
 
 
 @triton.jit
-def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, H, K,
+def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
                                KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dq, dk of sub-chunk i_i's rows: the state's shares plus the intra-chunk sums (earlier sub-chunks for dq
     through the gate at the sub-chunk's first row, later ones for dk through the gate at its last row, the diagonal
-    block exactly, a row and column at a time); and q.dq - k.dk per key, the gate's gradient before its suffix sum."""
+    block exactly, a row and column at a time); and q.dq - k.dk per key, the gate's gradient before its suffix sum,
+    with its sum over the chunk (dg_chunk, summed over the sub-chunks)."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     i_i = tl.program_id(1)
     r0 = t0 + i_i * BC
@@ -230,7 +231,9 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
         b_dk += tl.load(dk_inter + p_i, mask=m_i, other=0.)
         tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
         tl.store(dk + p_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
-        tl.store(dg + p_i, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, mask=m_i)
+        b_dg = tl.where(m_i, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
+        tl.store(dg + p_i, b_dg, mask=m_i)
+        tl.atomic_add(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
 
 
 @triton.jit
@@ -265,6 +268,23 @@ def chunk_gla_bwd_dv_kernel(k, g, do, dstates, A, chunks, dv, H, K, V,
     b_A = tl.load(A + (o_t[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=mask_t[:, None], other=0.)
     b_dv += _dot(tl.trans(b_A).to(b_do.dtype), b_do)
     tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
+                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """The per-key gate's gradient: at each token, the sum of q.dq - k.dk over the rest of its sequence, that is
+    the suffix sum inside its chunk plus dg_later (the later chunks' sums and the final state's share)."""
+    i_ch = tl.program_id(0)
+    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
+    o_t = t0 + tl.arange(0, BT)
+    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask_k = o_k < K
+    m = (o_t < t1)[:, None] & mask_k[None, :]
+    p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    b_dg = tl.cumsum(tl.load(dg_token + p, mask=m, other=0.), 0, reverse=True)
+    b_dg += tl.load(dg_later + i_ch.to(tl.int64) * K + o_k, mask=mask_k, other=0.)[None, :]
+    tl.store(dg + p, b_dg, mask=m)
 
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
@@ -354,7 +374,7 @@ SPECS = [
               Tensor("dq_inter", "B T H K", dtypes=["float32"]), Tensor("dk_inter", "B T H K", dtypes=["float32"]),
               _CHUNKS],
         outputs=[Output("dq", "B T H K", dtype_of="q"), Output("dk", "B T H K", dtype_of="q"),
-                 Output("dg", "B T H K", dtype="float32")],
+                 Output("dg", "B T H K", dtype="float32"), Output("dg_chunk", "C H K", dtype="float32", zeros=True)],
         axes=_AXES_QK,
         launch_config=_bwd_intra_config,
         grid=["C * H", f"cdiv({CHUNK}, BC)"],
@@ -370,5 +390,16 @@ SPECS = [
         axes=[DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_dv_config,
         grid=["C * H", "cdiv(V, BV)"],
+    ),
+    OpSpec(
+        name="chunk_gla_gate_grad",
+        kernel=chunk_gla_gate_grad_kernel,
+        doc="GLA backward: the per-key gate's gradient from its per-token terms and each chunk's later sum.",
+        args=[Tensor("dg_token", "B T H K", dtypes=["float32"]), Tensor("dg_later", "C H K", dtypes=["float32"]),
+              _CHUNKS],
+        outputs=[Output("dg", "B T H K", dtype="float32")],
+        axes=[BucketAxis("KP", "K", K_BUCKETS)],
+        launch_config=lambda KP: dict(BK=min(KP, 64), BT=CHUNK, num_warps=4, num_stages=1),
+        grid=["C * H", "cdiv(K, BK)"],
     ),
 ]

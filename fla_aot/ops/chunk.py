@@ -23,7 +23,8 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
 _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_bwd_dqk", "chunk_bwd_dv",
                                      "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
-                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv")}
+                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
+                                     "chunk_gla_gate_grad")}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
@@ -34,8 +35,8 @@ MIN_SEGMENT_CHUNKS = 8
 class _Tables:
     """Where the chunks and segments of a batch lie, as the kernels read them (int32 on the device):
     segments [S, 4] = (sequence, first token, end token, first chunk), chunks [C, 4] = (sequence, first token,
-    end token, 0), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence maps for the
-    gate gradient."""
+    end token, 0), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence and chunk ->
+    sequence maps for the gate gradient."""
 
     def __init__(self, lengths, seg_chunks, device):
         segments, chunks, seg_offsets = [], [], [0]
@@ -60,6 +61,9 @@ class _Tables:
         self.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t,
                                                  output_size=bos)
         self.token_end = ends[self.token_seq]
+        self.chunk_seq = self.chunks[:, 0].long()
+        self.chunk_last = (torch.tensor([len(chunks)], device=device) if not chunks else
+                           torch.searchsorted(self.chunk_seq, self.chunk_seq, right=True) - 1)
 
 
 _TABLES = OrderedDict()
@@ -106,6 +110,22 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
     return o, states, ht
 
 
+def _final_state_share(ht, dht, per_key, state_v_first):
+    # every step's gate scales the final state: sum(ht * dht) per sequence and head (and key), [N, H(, K)]
+    final = ht * dht  # [N, H, K, V] (or [N, H, V, K])
+    return final.sum(-2 if state_v_first else -1) if per_key else final.sum((-2, -1))
+
+
+def _gla_gate_grad(dg_token, dg_chunk, ht, dht, tabs, state_v_first):
+    """GLA's dL/dgk: per token, the sum of q.dq - k.dk over the rest of its sequence (plus the final state's
+    share): each chunk's later chunks summed here ([C, H, K], small), the rest in chunk_gla_gate_grad."""
+    prefix = dg_chunk.cumsum(0)
+    later = prefix[tabs.chunk_last] - prefix
+    if dht is not None:
+        later = later + _final_state_share(ht, dht, True, state_v_first)[tabs.chunk_seq]
+    return _ops["chunk_gla_gate_grad"](dg_token, later.contiguous(), tabs.chunks)[0]
+
+
 def _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first):
     """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t' (per key for GLA's [B, T, H, K] gate),
     plus the final state's sum(ht * dht) (every step's gate scales the final state)."""
@@ -119,8 +139,7 @@ def _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first):
         end = prefix[..., -1:]
     total = (end - prefix + x).movedim(-1, 1)
     if dht is not None:
-        final = ht * dht  # [N, H, K, V] (or [N, H, V, K])
-        final = final.sum((-2, -1)) if dg_token.dim() == 3 else final.sum(-2 if state_v_first else -1)
+        final = _final_state_share(ht, dht, dg_token.dim() == 4, state_v_first)
         total = total + (final[tabs.token_seq][None] if varlen else final[:, None])
     return total
 
@@ -157,14 +176,15 @@ class _ChunkFunction(torch.autograd.Function):
                                 initial_state is not None, True, gla)
         if gla:
             dq_inter, dk_inter, dA = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks, scale)
-            dq, dk, dg_token = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, tabs.chunks)
+            dq, dk, dg_token, dg_chunk = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, tabs.chunks)
             (dv,) = _ops["chunk_gla_bwd_dv"](k, gs, do, dstates, A, tabs.chunks)
         else:
             dq, dk, dg_token = _ops["chunk_bwd_dqk"](q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
             (dv,) = _ops["chunk_bwd_dv"](q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
-            dg = _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first).to(g.dtype)
+            dg = (_gla_gate_grad(dg_token, dg_chunk, ht, dht, tabs, state_v_first) if gla else
+                  _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first)).to(g.dtype)
         return (dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None,
                 None)
 
