@@ -4,6 +4,7 @@ Importing it registers the torch ops of the manifest (torch.ops.fla_aot.*) from 
 """
 import fla_aot._registry  # noqa: F401  registers torch.ops.fla_aot.*
 from fla_aot.ops.chunk import chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla
+from fla_aot.ops.chunk_delta import chunk_delta_rule, chunk_gated_delta_rule
 from fla_aot.ops.fused_recurrent import (
     fused_recurrent_delta_rule,
     fused_recurrent_gated_delta_rule,
@@ -14,6 +15,8 @@ from fla_aot.ops.fused_recurrent import (
 )
 
 __all__ = [
+    "chunk_delta_rule",
+    "chunk_gated_delta_rule",
     "chunk_gla",
     "chunk_linear_attn",
     "chunk_retention",

@@ -80,12 +80,13 @@ def _segment_chunks(lengths, H, device):
     return max(MIN_SEGMENT_CHUNKS, -(-sum(nts) * H // target))
 
 
-def _tables(lengths, H, device):
-    """Tables for this batch, cached (a few recent batch layouts per device)."""
-    key = (lengths, H, device)
+def _tables(lengths, H, device, split=True):
+    """Tables for this batch, cached (a few recent batch layouts per device). Without split, one segment per
+    sequence (the delta rules' state pass cannot be split)."""
+    key = (lengths, H if split else None, device)
     tabs = _TABLES.get(key)
     if tabs is None:
-        tabs = _Tables(lengths, _segment_chunks(lengths, H, device), device)
+        tabs = _Tables(lengths, _segment_chunks(lengths, H, device) if split else 1 << 30, device)
         _TABLES[key] = tabs
         if len(_TABLES) > 64:
             _TABLES.popitem(last=False)
