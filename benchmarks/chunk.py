@@ -3,14 +3,14 @@
 Measured side by side in one run, for fla_aot (precompiled cubins), fla (JIT Triton; skipped if
 `import fla` fails) and torch SDPA with the flash backend (causal, layout [B, H, T, D]):
 
-(1) Chunk ops (default: chunk_simple_gla, chunk_retention, and chunk_gla if fla_aot has it) at
+(1) Chunk ops (default: chunk_simple_gla, chunk_retention, chunk_gla, chunk_gated_delta_rule, chunk_delta_rule) at
     B=8 T=2048, B=2 T=8192 and B=1 T=32768, H=16, K=V=128, q/k/v bf16, log-space gates float32.
     Forward (inputs requiring grad, as in training) and forward + backward (torch.autograd.grad of
     the output against q, k, v and the gate, with a fixed random do). Times: CUDA events, median of
     repeats, in ms. fla_aot's output and gradients are checked against fla's (relative error).
 (2) The retention sweep of fla's earlier README: B=8, H=32, D=128, T = 128, 256, ..., 16384,
     chunk_retention forward and forward + backward against SDPA flash causal.
-(3) Time to the first chunk_simple_gla (and chunk_gla) result in a fresh Python process, after
+(3) Time to the first chunk_simple_gla, chunk_gla and chunk_gated_delta_rule result in a fresh Python process, after
     torch and the CUDA context are up: fla_aot, and fla with a warm Triton cache (with --fla-cold
     also with an empty one; fla's cold autotuning can take minutes).
 
@@ -55,13 +55,16 @@ OPS = {
     "retention": ("chunk_retention", None),
     "linear_attn": ("chunk_linear_attn", None),
     "gla": ("chunk_gla", "vector"),
+    "gated_delta_rule": ("chunk_gated_delta_rule", "scalar"),
+    "delta_rule": ("chunk_delta_rule", None),
 }
+DELTA_OPS = ("gated_delta_rule", "delta_rule")  # these also take beta, and unit-norm keys
 H, D = 16, 128
 SHAPES = ((8, 2048), (2, 8192), (1, 32768))  # (B, T), B * T = 16384 tokens each but the last
 SWEEP_B, SWEEP_H = 8, 32
 SWEEP_T = tuple(128 * 2 ** i for i in range(8))  # 128 ... 16384
 QUICK_SWEEP_T = (128, 1024, 8192)
-FIRST_CALL_OPS = ("simple_gla", "gla")
+FIRST_CALL_OPS = ("simple_gla", "gla", "gated_delta_rule")
 FIRST_CALL_SHAPE = (1, 2048, H, D)  # B, T, H, D
 FIRST_CALL_TIMEOUT_S = 600
 SECTIONS = ("ops", "sweep", "first_call")
@@ -98,6 +101,9 @@ def make_inputs(op, B, T, H, D, requires_grad=False):
     if gate is not None:
         shape = (B, T, H) if gate == "scalar" else (B, T, H, D)
         inputs["g"] = F.logsigmoid(randn(*shape, dtype=torch.float32))
+    if op in DELTA_OPS:
+        inputs["k"] = F.normalize(inputs["k"].float(), dim=-1).to(torch.bfloat16)
+        inputs["beta"] = torch.sigmoid(randn(B, T, H))
     return {name: t.requires_grad_(requires_grad) for name, t in inputs.items()}
 
 
@@ -423,7 +429,7 @@ def main():
     if "fla_aot" not in libraries:
         sys.exit("fla_aot is not importable")
     if args.ops is None:
-        args.ops = ["simple_gla", "retention"] + (["gla"] if hasattr(libraries["fla_aot"], "chunk_gla") else [])
+        args.ops = ["simple_gla", "retention", "gla", "gated_delta_rule", "delta_rule"]
 
     results = {"environment": {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

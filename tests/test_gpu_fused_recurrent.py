@@ -153,16 +153,18 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("op", GROUPED)
-def test_delta_rule_backward_raises_clearly(op):
-    kw = make_inputs(op, T=4, device=DEV)
+@pytest.mark.parametrize("op, dtype", [("gated_delta_rule", torch.bfloat16), ("delta_rule", torch.float32)])
+def test_delta_rule_backward_not_served_raises_clearly(op, dtype):
+    # the delta rules train through the chunk form: not with GLA-style gates gk/gv, nor in float32
+    kw = make_inputs(op, T=4, device=DEV, dtype=dtype)
+    assert op == "delta_rule" or "gk" in kw
     kw["q"].requires_grad_(True)
     o, _ = OPS[op][0](**kw)
     with pytest.raises(NotImplementedError, match="backward"):
         o.sum().backward()
 
 
-GRAD_INPUTS = ("q", "k", "v", "g", "gk", "gv", "initial_state")
+GRAD_INPUTS = ("q", "k", "v", "g", "gk", "gv", "beta", "initial_state")
 
 
 def check_gradients(op, kw, **flags):
@@ -205,6 +207,25 @@ def test_linear_family_gradients_gates_reverse_varlen(op, strong):
 @pytest.mark.parametrize("op", ["simple_gla", "gla"])
 def test_linear_family_gradients_state_v_first(op):
     check_gradients(op, make_inputs(op, T=9, K=32, V=64, dtype=torch.float32, device=DEV, state_v_first=True))
+
+
+@pytest.mark.parametrize("op", GROUPED)
+@pytest.mark.parametrize("T", [1, 9, 70])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_delta_rule_gradients_through_the_chunk_form(op, T, dtype):
+    kw = make_inputs(op, T=T, H=2, HV=4, K=32, V=48, dtype=dtype, device=DEV)
+    kw.pop("gk", None)
+    kw.pop("gv", None)
+    check_gradients(op, kw)
+    check_gradients(op, kw, use_qk_l2norm_in_kernel=True)
+
+
+def test_delta_rule_gradients_varlen_state_v_first():
+    kw = make_inputs("gated_delta_rule", B=1, T=80, K=16, V=16, device=DEV, cu_seqlens=[0, 7, 7, 80],
+                     state_v_first=True)
+    kw.pop("gk", None)
+    kw.pop("gv", None)
+    check_gradients("gated_delta_rule", kw)
 
 
 class TestCudaValidation:

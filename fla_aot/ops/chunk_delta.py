@@ -17,6 +17,7 @@ from fla_aot.reference import fused_recurrent_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256  # the largest K bucket of triton_src/chunk_delta.py
 
 # the manifest ops these ops run, by name (tests swap them for Triton launches)
 _ops = {name: OPS[name] for name in ("chunk_delta_wy", "chunk_delta_state", "chunk_delta_fwd_o",
@@ -90,6 +91,8 @@ def _check(op, q, k, v, g, beta, initial_state, state_v_first, N, gated):
             raise TypeError(f"{op}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
         if x.device != q.device:
             raise ValueError(f"{op}: q, k, v must be on one device, got {q.device} and {x.device}")
+    if q.is_cuda and K > _MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim K={K} is larger than the compiled kernels take ({_MAX_HEAD_DIM})")
     if q.is_cuda and q.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"{op}: on CUDA q, k, v must be float16 or bfloat16 (the WY products run on the tensor "
                         f"cores), got {q.dtype}; cast them, or run on the CPU reference")

@@ -3,7 +3,9 @@
 All six are one kernel (triton_src/fused_recurrent.py) served by the manifest op
 `torch.ops.fla_aot.fused_recurrent_fwd`; CPU tensors run fla_aot.reference.fused_recurrent_reference
 (differentiable by autograd). On CUDA the linear family (all but the delta rules) has a compiled
-backward (`fused_recurrent_bwd`); the delta rules' backward raises NotImplementedError for now.
+backward (`fused_recurrent_bwd`); the delta rules, when a gradient is needed, run as the chunk form
+(fla_aot.ops.chunk_delta: same recurrence, with a backward) for float16/bfloat16 inputs without gk/gv; otherwise
+their backward raises NotImplementedError.
 Shapes: q, k [B, T, H, K]; v [B, T, HV, V] (HV = H except for the delta rules' grouped value heads);
 g, beta [B, T, HV]; gk [B, T, HV, K]; gv [B, T, HV, V]; states [N, HV, K, V] float32
 ([N, HV, V, K] with state_v_first), N = B or the number of sequences in cu_seqlens.
@@ -18,6 +20,7 @@ from fla_aot.reference import fused_recurrent_reference
 _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
 _run_fused_recurrent_fwd = OPS["fused_recurrent_fwd"]
 _run_fused_recurrent_bwd = OPS["fused_recurrent_bwd"]
+_CHUNK_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _suffix_sums(x, reverse, bounds):
@@ -106,6 +109,14 @@ def _fused_recurrent(op, q, k, v, g, g_gamma, gk, gv, beta, scale, initial_state
             bool(reverse), bool(use_qk_l2norm), bool(beta_sigmoid), bool(allow_neg_eigval), bool(state_v_first),
             delta_rule)
     if q.is_cuda:
+        if (delta_rule and gk is None and gv is None and q.dtype in _CHUNK_DTYPES and torch.is_grad_enabled()
+                and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))):
+            # training: the chunk form computes the same recurrence, and has a backward
+            from fla_aot.ops.chunk_delta import chunk_delta  # (imports this module)
+            if beta is None:
+                beta = torch.ones(v.shape[:3], dtype=q.dtype, device=q.device)
+            return chunk_delta(op, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                               beta_sigmoid, allow_neg_eigval, state_v_first, cu_seqlens, cu_host, g is not None)
         if not delta_rule and torch.is_grad_enabled() and any(
                 x is not None and x.requires_grad for x in (q, k, v, g, gk, gv, initial_state)):
             # the host copy the checks read; made here only if they were skipped (capture, tracing)

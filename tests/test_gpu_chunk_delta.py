@@ -1,0 +1,142 @@
+"""chunk_delta_rule and chunk_gated_delta_rule on the GPU against the float64 reference: the output, the final
+state and every gradient (q, k, v, g, beta, initial_state, with a cotangent on the final state too), outputs
+poisoned with NaN before the call (skipped without CUDA).
+
+fla-core 0.6.0 refuses this backward on Hopper with Triton 3.4 to 3.7.0 (a Triton miscompile); these kernels are
+compiled by the build and checked here on the GPU they run on.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fla_aot.ops as ops
+from fla_aot.reference import fused_recurrent_reference
+from tests.fused_recurrent_cases import rel_err
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+# bf16 inputs: outputs land near 5e-3, gradients near 1e-2 (fla's own tests allow about the same)
+TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+GRAD_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def make_inputs(B=2, T=100, H=2, HV=None, K=32, V=48, dtype=torch.bfloat16, gate="weak", lengths=None,
+                initial_state=True, state_v_first=False, seed=0):
+    HV = HV or H
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEV)
+
+    N = B if lengths is None else len(lengths)
+    kw = dict(q=randn(B, T, H, K).to(dtype), k=F.normalize(randn(B, T, H, K), dim=-1).to(dtype),
+              v=randn(B, T, HV, V).to(dtype), beta=torch.rand(B, T, HV, generator=gen, device=DEV).to(dtype))
+    if gate is not None:
+        # strong gates forget within a few steps; weak ones keep the state for hundreds
+        kw["g"] = F.logsigmoid(randn(B, T, HV) + (0. if gate == "strong" else 4.))
+    if initial_state:
+        kw["initial_state"] = randn(N, HV, *((V, K) if state_v_first else (K, V)))
+    if lengths is not None:
+        kw["cu_seqlens"] = torch.tensor((0,) + tuple(lengths), device=DEV).cumsum(0)
+    if state_v_first:
+        kw["state_v_first"] = True
+    return kw
+
+
+def reference(kw, flags):
+    ref = {n: (x.detach().double().requires_grad_() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+           for n, x in kw.items()}
+    o, ht = fused_recurrent_reference(
+        ref["q"], ref["k"], ref["v"], g=ref.get("g"), beta=ref["beta"], initial_state=ref.get("initial_state"),
+        output_final_state=True, use_qk_l2norm=flags.get("use_qk_l2norm_in_kernel", False),
+        beta_sigmoid=flags.get("use_beta_sigmoid_in_kernel", False),
+        allow_neg_eigval=flags.get("allow_neg_eigval", False), state_v_first=kw.get("state_v_first", False),
+        cu_seqlens=kw.get("cu_seqlens"), delta_rule=True)
+    return o, ht, ref
+
+
+def check(kw, grads=True, **flags):
+    """Runs the op (gated when kw has g) and compares everything with the float64 reference."""
+    op = ops.chunk_gated_delta_rule if "g" in kw else ops.chunk_delta_rule
+    kw = {n: (x.detach().requires_grad_(grads) if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+          for n, x in kw.items()}
+    v = kw["v"]
+    N = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else v.shape[0]
+    HV, V, K = v.shape[2], v.shape[3], kw["q"].shape[3]
+    held = [torch.full((v.numel(),), float("nan"), dtype=v.dtype, device=DEV),
+            torch.full((N * HV * K * V,), float("nan"), device=DEV)]
+    del held  # the op's outputs reuse these NaN-filled blocks: an element left unwritten stays NaN
+    o, ht = op(**kw, output_final_state=True, **flags)
+    ref_o, ref_ht, ref = reference(kw, flags)
+    dtype = v.dtype
+    assert o.shape == v.shape and o.dtype == dtype and ht.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all(), "an output element was not written"
+    errs = {"o": rel_err(o, ref_o), "ht": rel_err(ht, ref_ht)}
+    if grads:
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        torch.autograd.backward((o, ht), (do, dht))
+        torch.autograd.backward((ref_o, ref_ht), (do.double(), dht.double()))
+        for name, x in kw.items():
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                assert x.grad is not None and x.grad.shape == x.shape and x.grad.dtype == x.dtype, name
+                assert torch.isfinite(x.grad).all(), f"d{name} has NaN"
+                errs["d" + name] = rel_err(x.grad, ref[name].grad)
+    print(errs)
+    assert errs.pop("o") < TOL[dtype] and errs.pop("ht") < TOL[dtype], errs
+    assert all(e < GRAD_TOL[dtype] for e in errs.values()), errs
+    return errs
+
+
+@pytest.mark.parametrize("gate", [None, "weak", "strong"])
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lengths_around_the_chunk(gate, T, dtype):
+    check(make_inputs(T=T, dtype=dtype, gate=gate))
+
+
+@pytest.mark.parametrize("K,V", [(8, 8), (16, 100), (60, 60), (100, 16), (128, 128), (256, 64), (64, 256)])
+def test_head_dims(K, V):
+    check(make_inputs(B=1, T=130, K=K, V=V, gate="weak"))
+
+
+@pytest.mark.parametrize("gate", [None, "strong"])
+def test_varlen_with_an_empty_sequence(gate):
+    check(make_inputs(B=1, T=260, lengths=(70, 0, 1, 189), gate=gate, HV=4))
+
+
+def test_grouped_value_heads_state_v_first_no_initial_state():
+    check(make_inputs(B=2, T=90, H=2, HV=6, initial_state=False, state_v_first=True))
+
+
+@pytest.mark.parametrize("flags", [dict(use_qk_l2norm_in_kernel=True),
+                                   dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True)])
+def test_in_kernel_options(flags):
+    kw = make_inputs(T=100)
+    kw["beta"] = (kw["beta"].float() * 4 - 2).to(kw["beta"].dtype) if "use_beta_sigmoid_in_kernel" in flags \
+        else kw["beta"]
+    check(kw, **flags)
+
+
+def test_long_sequence():
+    check(make_inputs(B=1, T=2048, H=2, K=64, V=64, gate="weak"))
+
+
+def test_no_grad_forward_matches():
+    kw = make_inputs(T=150)
+    with torch.no_grad():
+        o, ht = ops.chunk_gated_delta_rule(**kw, output_final_state=True)
+    o2, _ = ops.chunk_gated_delta_rule(**{n: x for n, x in kw.items()}, output_final_state=True)
+    torch.testing.assert_close(o, o2, rtol=0, atol=0)
+
+
+def test_float32_is_a_clear_error():
+    kw = make_inputs(T=10)
+    kw = {n: (x.float() if n in "qkv" else x) for n, x in kw.items()}
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        ops.chunk_gated_delta_rule(**kw)
+
+
+def test_head_dim_over_256_is_a_clear_error():
+    kw = make_inputs(T=10, K=320, initial_state=False)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="K"):
+        ops.chunk_gated_delta_rule(**kw)
