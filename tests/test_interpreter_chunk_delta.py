@@ -39,17 +39,18 @@ def interpreted(monkeypatch):
 
 
 CASES = {
-    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first)
-    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False),
-    "gated_weak_v_first": (1, None, 1, 1, 32, 20, "weak", True, True),
-    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False),
-    "plain_no_h0": (1, None, 1, 1, 16, 16, None, False, False),
+    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first, narrow state-pass slices)
+    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False, False),
+    "gated_weak_v_first_narrow": (1, None, 1, 1, 32, 20, "weak", True, True, True),
+    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False, False),
+    "plain_no_h0_narrow": (1, None, 1, 1, 16, 40, None, False, False, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_chunk_delta_forward_and_backward(interpreted, case):
-    B, lengths, H, HV, K, V, gate, with_h0, v_first = CASES[case]
+def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
+    B, lengths, H, HV, K, V, gate, with_h0, v_first, narrow = CASES[case]
+    monkeypatch.setattr(chunk_delta, "_narrow", lambda tabs, v: narrow)
     T = 150 if lengths is None else sum(lengths)
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Times launch configs of the chunk kernels (triton_src/chunk.py) on the GPU, through Triton's JIT.
+"""Times launch configs of the chunk kernels (triton_src/chunk*.py) on the GPU, through Triton's JIT.
 
     python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--quick]
 
-Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla forward + backward (bf16, H=16, K=V=128) at the
-benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
+Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
+forward + backward (bf16, H=16, K=V=128) at the benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
 JIT launches of the same kernels, bound by name from the spec as the C++ dispatcher binds them. For one kernel (and, for the
 scan, one WRITE_O mode) at a time, each candidate config replaces the spec's launch config, and that kernel's
 GPU time per step is read from torch.profiler (host overhead excluded). Also times the segment split
-(fla_aot.ops.chunk.SEGMENTS_PER_SM). The winners go into the _*_config functions of triton_src/chunk.py by hand.
+(fla_aot.ops.chunk.SEGMENTS_PER_SM). The winners go into the _*_config functions of triton_src/ by hand.
 """
 import argparse
 import itertools
@@ -23,18 +23,24 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
+import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
 from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant  # noqa: E402
 from tools.kernel_spec import DTYPE_CODES  # noqa: E402
-from triton_src import chunk as chunk_src, chunk_gla as chunk_gla_src  # noqa: E402
+from triton_src import chunk as chunk_src, chunk_delta as chunk_delta_src, chunk_gla as chunk_gla_src  # noqa: E402
 
 ARCH = "sm_90"
 CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
-SPECS = chunk_src.SPECS + chunk_gla_src.SPECS
+SPECS = chunk_src.SPECS + chunk_gla_src.SPECS + chunk_delta_src.SPECS
 
 
 def install(name, runner):
-    chunk._ops[name] = runner
+    (chunk_delta._ops if name in chunk_delta._ops else chunk._ops)[name] = runner
+
+
+def family(name):
+    """The op whose forward + backward runs the kernel `name`."""
+    return "gla" if name.startswith("chunk_gla") else "delta" if name.startswith("chunk_delta") else "simple_gla"
 
 
 def candidates(name):
@@ -57,6 +63,18 @@ def candidates(name):
             yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
+            yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name in ("chunk_delta_state", "chunk_delta_bwd_state"):
+        for bv, w, s in itertools.product([16, 32, 64], [4, 8], [1, 2, 3]):
+            yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_delta_solve":
+        for bk, w, s in itertools.product([32, 64, 128], [1, 2, 4], [1, 2]):
+            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
+    elif name in ("chunk_delta_wu", "chunk_delta_fwd_o", "chunk_delta_bwd_dv_local", "chunk_delta_bwd_wy"):
+        for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
+            yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_delta_bwd_dqkw":
+        for bk, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_gla_scan":
         for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
@@ -98,17 +116,25 @@ def jit_runner(spec, override=None, when=None):
     return run
 
 
-def step_times(B, T, kernel_names, steps=3, gla=False):
-    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla (or chunk_gla)."""
+def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
+    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla (or chunk_gla,
+    chunk_gated_delta_rule)."""
     H, K = 16, 128
     torch.manual_seed(0)
-    leaves = [torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    g = F.logsigmoid(torch.randn(B, T, H, *([K] if gla else []), device="cuda")).requires_grad_()
+    leaves = [torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    if op == "delta":
+        leaves[1] = F.normalize(leaves[1].float(), dim=-1).to(torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, *([K] if op == "gla" else []), device="cuda"))
+    beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
+    leaves = [x.requires_grad_() for x in leaves + [g, beta]]
     do = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        o, _ = ops.chunk_gla(*leaves, g) if gla else ops.chunk_simple_gla(*leaves, g=g)
-        torch.autograd.grad(o, leaves + [g], do)
+        if op == "delta":
+            o, _ = ops.chunk_gated_delta_rule(*leaves)
+        else:
+            o, _ = (ops.chunk_gla if op == "gla" else ops.chunk_simple_gla)(*leaves[:4])
+        torch.autograd.grad(o, leaves if op == "delta" else leaves[:4], do)
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -128,7 +154,7 @@ def main():
     p.add_argument("--no-split", action="store_true", help="skip timing the segment split")
     args = p.parse_args()
     specs = {s.name: s for s in SPECS}
-    for name in chunk._ops:
+    for name in list(chunk._ops) + list(chunk_delta._ops):
         install(name, jit_runner(specs[name]))
     kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
     rows = ["| kernel | config | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " | sum |",
@@ -150,7 +176,7 @@ def main():
         for label, when, override in candidates(name):
             install(name, jit_runner(specs[name], override, when))
             try:
-                times = [step_times(B, T, [kernel_of[name]], gla=name.startswith("chunk_gla"))[kernel_of[name]]
+                times = [step_times(B, T, [kernel_of[name]], op=family(name))[kernel_of[name]]
                          for B, T in SHAPES]
             except Exception as e:  # e.g. out of shared memory or registers for this config
                 print(f"{name} {label}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)

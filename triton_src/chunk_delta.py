@@ -10,11 +10,12 @@ G_L its value at the chunk's last token, beta_i the step size and h the state [K
     h_next   = exp(G_L) h + sum_j exp(G_L - G_j) k_j^T v_new_j
     o_i      = scale * (exp(G_i) q_i h + sum_{j<=i} exp(G_i - G_j) (q_i . k_j) v_new_j)
 
-chunk_delta_wy builds T (forward substitution on the 16 x 16 diagonal blocks, then the blocks below them by
-products), w and u per chunk in parallel; chunk_delta_state walks each sequence's chunks in order (the state
+chunk_delta_solve builds T per chunk (forward substitution on the 16 x 16 diagonal blocks, then the blocks below
+them by products), chunk_delta_wu w and u; chunk_delta_state walks each sequence's chunks in order (the state
 update is not diagonal, so there is no segment split); chunk_delta_fwd_o writes the output per chunk.
 
-The backward reruns those two (nothing but the inputs is saved), then: chunk_delta_bwd_dv_local (the output's
+The backward keeps T and G from the forward, reruns chunk_delta_wu and chunk_delta_state (w, u, the states and
+v_new are not saved), then: chunk_delta_bwd_dv_local (the output's
 intra-chunk share of dv_new), chunk_delta_bwd_state (chunks in reverse: the state's gradient dh at each chunk's
 end, and dv_new), chunk_delta_bwd_dqkw (dq, dk through the state and the output, dw = -dv_new h^T, and the gate's
 per-token terms) and chunk_delta_bwd_wy (through T, w and u to dk, dv, dbeta; the gate's gradient as the in-chunk
@@ -24,7 +25,7 @@ head hv reads query/key head hv // m, and dq, dk come out per value head (float3
 import triton
 import triton.language as tl
 
-from tools.kernel_spec import AlignedAxis, Bool, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
+from tools.kernel_spec import AlignedAxis, Bool, BoolAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
 from triton_src.chunk import CHUNK, K_BUCKETS, _causal_decay, _dot, _state_offsets
 from triton_src.chunk_gla import _chunk_bounds
 from triton_src.fused_recurrent import _load_f32
@@ -65,9 +66,9 @@ def _store_ai_block(Ai, x, t0, t1, i_hv, HV, r: tl.constexpr, c: tl.constexpr, B
 
 
 @triton.jit
-def chunk_delta_wy_kernel(k, v, beta, g, chunks, Ai, w, u, gcum, beta_dtype, g_dtype, H, HV, K, V,
-                          KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """One chunk of one value head: the gate's running sum, T = (I + A)^-1 (float32, in Ai), w and u."""
+def chunk_delta_solve_kernel(k, beta, g, chunks, Ai, gcum, beta_dtype, g_dtype, H, HV, K,
+                             KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """One chunk of one value head: the gate's running sum and T = (I + A)^-1 (float32, in Ai)."""
     i_hv, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), HV)
     i_h = i_hv // (HV // H)
     o = tl.arange(0, BT)
@@ -128,9 +129,21 @@ def chunk_delta_wy_kernel(k, v, beta, g, chunks, Ai, w, u, gcum, beta_dtype, g_d
     _store_ai_block(Ai, b_T30, t0, t1, i_hv, HV, 3, 0, BT, BC)
     _store_ai_block(Ai, b_T31, t0, t1, i_hv, HV, 3, 1, BT, BC)
     _store_ai_block(Ai, b_T32, t0, t1, i_hv, HV, 3, 2, BT, BC)
-    tl.debug_barrier()
 
-    b_Ti = tl.load(p_ai, mask=mask_t[:, None], other=0.).to(k.dtype.element_ty)
+
+@triton.jit
+def chunk_delta_wu_kernel(k, v, beta, gcum, Ai, chunks, w, u, beta_dtype, H, HV, K, V,
+                          KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+    """One chunk of one value head: w = T (beta exp(G) k) and u = T (beta v)."""
+    i_hv, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), HV)
+    i_h = i_hv // (HV // H)
+    o = tl.arange(0, BT)
+    o_t = t0 + o
+    mask_t = o_t < t1
+    b_beta = _load_f32(beta, o_t * HV + i_hv, mask_t, beta_dtype, 0.)
+    b_G = tl.load(gcum + o_t * HV + i_hv, mask=mask_t, other=0.)
+    b_Ti = tl.load(Ai + (o_t[:, None] * HV + i_hv) * BT + o[None, :], mask=mask_t[:, None],
+                   other=0.).to(k.dtype.element_ty)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         mask_k = o_k < K
@@ -149,7 +162,7 @@ def chunk_delta_wy_kernel(k, v, beta, g, chunks, Ai, w, u, gcum, beta_dtype, g_d
 
 @triton.jit
 def chunk_delta_state_kernel(k, w, u, gcum, h0, seqs, states, v_new, ht, h0_dtype, H, HV, K, V, state_v_first,
-                             output_ht, KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+                             output_ht, KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr):
     """One sequence's chunks in order, for one value head and BV-wide slice of V: stores the state each chunk
     starts from and v_new = u - w h, and updates h."""
     i_nh = tl.program_id(0)
@@ -244,7 +257,7 @@ def chunk_delta_bwd_dv_local_kernel(q, k, gcum, do, chunks, dv, scale, H, HV, K,
 @triton.jit
 def chunk_delta_bwd_state_kernel(q, k, w, gcum, do, dv_local, dht, seqs, dstates, dv_new, dh0, dht_dtype,
                                  scale, H, HV, K, V, state_v_first, output_dh0,
-                                 KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+                                 KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr):
     """One sequence's chunks in reverse: stores the state's gradient at each chunk's end and dv_new (the output's
     share plus the later states'), and steps dh back over the chunk."""
     i_nh = tl.program_id(0)
@@ -417,19 +430,34 @@ def chunk_delta_bwd_wy_kernel(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, ch
     tl.store(dg + o_t * HV + i_hv, tl.cumsum(tl.where(mask_t, b_dG, 0.), 0, reverse=True), mask=mask_t)
 
 
-# ---- launch configs (tools/tune_chunk.py; untuned first guesses) ----------------------------------------------
+# ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk_delta.md (H100, bf16, K=V=128) ----------
 
-def _wy_config(KP, **_):
-    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, BC=SUB_CHUNK, num_warps=4, num_stages=1)
+def _solve_config(KP, **_):
+    # 2 warps: 0.48 ms per step at B=8 T=2048 (two launches, with w and u) against 0.66 with 4 (the substitution's
+    # reductions)
+    return dict(BK=min(KP, 64), BT=CHUNK, BC=SUB_CHUNK, num_warps=2, num_stages=1)
+
+
+def _wu_config(KP, **_):
+    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
 
 
 def _wy_bwd_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=1)
 
 
-def _state_config(KP, **_):
-    # the state slice [KP, BV] in float32 stays in registers across the sequence
+def _state_config(KP, NARROW, **_):
+    # the state slice [KP, BV] in float32 stays in registers across the sequence. NARROW (fewer programs than SMs
+    # at BV=64, e.g. B=1 H=16): BV=16 spreads the pass over 4x the SMs, 1.28 ms per step at B=1 T=32768 against 2.11
+    if NARROW:
+        return dict(BV=16, BT=CHUNK, num_warps=4, num_stages=3)
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[KP], BT=CHUNK, num_warps=4, num_stages=2)
+
+
+def _bwd_state_config(KP, NARROW, **_):
+    if NARROW:
+        return dict(BV=16, BT=CHUNK, num_warps=8, num_stages=3)
+    return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[KP], BT=CHUNK, num_warps=8, num_stages=3)
 
 
 def _chunk_config(KP, **_):
@@ -437,24 +465,37 @@ def _chunk_config(KP, **_):
 
 
 _QK = [Tensor("q", "B T H K", dtypes=DELTA_DTYPES), Tensor("k", "B T H K", same_dtype_as="q")]
-_GCUM = Tensor("gcum", "B T HV", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_delta_wy
+_GCUM = Tensor("gcum", "B T HV", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_delta_solve
 _CHUNKS = Tensor("chunks", "C CF", dtypes=["int32"])
+_GATE_DTYPES = ["float16", "bfloat16", "float32"]  # beta and g: a run-time dtype code
 _SEQS = Tensor("seqs", "N SF", dtypes=["int32"])  # per sequence: (sequence, first token, end token, first chunk)
 _AXES = [DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])]
 _GROUPED = [("HV", "H")]
+_NARROW = BoolAxis("NARROW", "narrow")  # the state passes: narrower V slices when the batch leaves SMs idle
 
 SPECS = [
     OpSpec(
-        name="chunk_delta_wy",
-        kernel=chunk_delta_wy_kernel,
-        doc="Delta rule, per chunk: the gate's running sum, T = (I + A)^-1 (float32), w and u.",
+        name="chunk_delta_solve",
+        kernel=chunk_delta_solve_kernel,
+        doc="Delta rule, per chunk: the gate's running sum and T = (I + A)^-1 (float32).",
+        args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("beta", "B T HV", dtypes=_GATE_DTYPES),
+              Tensor("g", "B T HV", optional=True, dtypes=_GATE_DTYPES), _CHUNKS],
+        outputs=[Output("Ai", f"B T HV {CHUNK}", dtype="float32"), Output("gcum", "B T HV", dtype="float32")],
+        axes=[DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])],
+        launch_config=_solve_config,
+        grid=["C * HV"],
+        divisible=_GROUPED,
+    ),
+    OpSpec(
+        name="chunk_delta_wu",
+        kernel=chunk_delta_wu_kernel,
+        doc="Delta rule, per chunk: w = T (beta exp(G) k) and u = T (beta v).",
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("v", "B T HV V", same_dtype_as="k"),
-              Tensor("beta", "B T HV", dtypes=["float16", "bfloat16", "float32"]),
-              Tensor("g", "B T HV", optional=True, dtypes=["float16", "bfloat16", "float32"]), _CHUNKS],
-        outputs=[Output("Ai", f"B T HV {CHUNK}", dtype="float32"), Output("w", "B T HV K", dtype_of="k"),
-                 Output("u", "B T HV V", dtype_of="k"), Output("gcum", "B T HV", dtype="float32")],
+              Tensor("beta", "B T HV", dtypes=_GATE_DTYPES), _GCUM, Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]),
+              _CHUNKS],
+        outputs=[Output("w", "B T HV K", dtype_of="k"), Output("u", "B T HV V", dtype_of="k")],
         axes=_AXES,
-        launch_config=_wy_config,
+        launch_config=_wu_config,
         grid=["C * HV"],
         divisible=_GROUPED,
     ),
@@ -465,10 +506,10 @@ SPECS = [
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("w", "B T HV K", same_dtype_as="k"),
               Tensor("u", "B T HV V", same_dtype_as="k"), _GCUM,
               Tensor("h0", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
-              _SEQS, _CHUNKS, Bool("state_v_first"), Bool("output_ht")],
+              _SEQS, _CHUNKS, Bool("state_v_first"), Bool("output_ht"), Bool("narrow")],
         outputs=[Output("states", "C HV K V", dtype_of="k"), Output("v_new", "B T HV V", dtype_of="k"),
                  Output("ht", "N HV K V", dtype="float32", when="output_ht", transposed_if="state_v_first")],
-        axes=_AXES,
+        axes=[*_AXES, _NARROW],
         launch_config=_state_config,
         grid=["N * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,
@@ -504,11 +545,11 @@ SPECS = [
         args=[*_QK, Tensor("w", "B T HV K", same_dtype_as="q"), _GCUM, Tensor("do", "B T HV V", same_dtype_as="q"),
               Tensor("dv_local", "B T HV V", dtypes=["float32"]),
               Tensor("dht", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
-              _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0")],
+              _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0"), Bool("narrow")],
         outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype="float32"),
                  Output("dh0", "N HV K V", dtype="float32", when="output_dh0", transposed_if="state_v_first")],
-        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-        launch_config=_state_config,
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"]), _NARROW],
+        launch_config=_bwd_state_config,
         grid=["N * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,
         symbol_defaults={},  # N: the rows of seqs
@@ -532,7 +573,7 @@ SPECS = [
         kernel=chunk_delta_bwd_wy_kernel,
         doc="Delta rule backward through the WY representation: dk, dv, dbeta and the gate's gradient.",
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("v", "B T HV V", same_dtype_as="k"),
-              Tensor("beta", "B T HV", dtypes=["float16", "bfloat16", "float32"]), _GCUM,
+              Tensor("beta", "B T HV", dtypes=_GATE_DTYPES), _GCUM,
               Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]), Tensor("dw", "B T HV K", dtypes=["float32"]),
               Tensor("dv_new", "B T HV V", dtypes=["float32"]), Tensor("dk_state", "B T HV K", dtypes=["float32"]),
               Tensor("dG", "B T HV", dtypes=["float32"]), _CHUNKS],

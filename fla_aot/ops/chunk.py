@@ -70,11 +70,15 @@ _TABLES = OrderedDict()
 _SM_COUNT = {}
 
 
-def _segment_chunks(lengths, H, device):
+def sm_count(device):
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def _segment_chunks(lengths, H, device):
     nts = [-(-L // CHUNK) for L in lengths]
-    target = SEGMENTS_PER_SM * _SM_COUNT[device.index]
+    target = SEGMENTS_PER_SM * sm_count(device)
     if len(lengths) * H >= target:
         return max(nts + [1])
     return max(MIN_SEGMENT_CHUNKS, -(-sum(nts) * H // target))

@@ -2,8 +2,9 @@
 signatures as fla.ops.
 
 Both are one computation (triton_src/chunk_delta.py, WY representation in chunks of 64 tokens), forward and
-backward; the plain delta rule runs it without a gate. The backward saves nothing but the inputs: it reruns the
-forward's two passes, then takes the gradients per chunk around a reversed state pass. q and k L2-normalised in
+backward; the plain delta rule runs it without a gate. The forward saves the inputs and each chunk's T = (I + A)^-1
+(float32, [B, T, HV, 64]); the backward reruns the state pass, then takes the gradients per chunk around a
+reversed state pass. q and k L2-normalised in
 the op (use_qk_l2norm_in_kernel), beta's sigmoid and doubling (use_beta_sigmoid_in_kernel, allow_neg_eigval) are
 torch ops around the kernels, differentiated by autograd. The same autograd function gives the recurrent delta
 rules (fla_aot.ops.fused_recurrent) their backward. CPU tensors run the reference.
@@ -11,7 +12,7 @@ rules (fla_aot.ops.fused_recurrent) their backward. CPU tensors run the referenc
 import torch
 
 from fla_aot._registry import OPS
-from fla_aot.ops.chunk import _tables
+from fla_aot.ops.chunk import _tables, sm_count
 from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
 from fla_aot.reference import fused_recurrent_reference
 
@@ -20,16 +21,23 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256  # the largest K bucket of triton_src/chunk_delta.py
 
 # the manifest ops these ops run, by name (tests swap them for Triton launches)
-_ops = {name: OPS[name] for name in ("chunk_delta_wy", "chunk_delta_state", "chunk_delta_fwd_o",
+_ops = {name: OPS[name] for name in ("chunk_delta_solve", "chunk_delta_wu", "chunk_delta_state", "chunk_delta_fwd_o",
                                      "chunk_delta_bwd_dv_local", "chunk_delta_bwd_state", "chunk_delta_bwd_dqkw",
                                      "chunk_delta_bwd_wy")}
 
 
-def _forward(q, k, v, g, beta, initial_state, tabs, scale, state_v_first, output_final_state):
-    Ai, w, u, gcum = _ops["chunk_delta_wy"](k, v, beta, g, tabs.chunks)
+def _narrow(tabs, v):
+    """Whether the state passes should take narrow V slices: the sequences x heads alone, in slices of 64, would
+    leave SMs idle."""
+    return v.is_cuda and len(tabs.lengths) * v.shape[2] * -(-v.shape[3] // 64) < sm_count(v.device)
+
+
+def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state):
+    """w, u, then the state pass: (w, the states at chunk starts, v_new, the final state)."""
+    w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
     states, v_new, ht = _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks,
-                                                  state_v_first, output_final_state)
-    return Ai, w, gcum, states, v_new, ht
+                                                  state_v_first, output_final_state, _narrow(tabs, v))
+    return w, states, v_new, ht
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
@@ -38,25 +46,25 @@ class ChunkDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, state_v_first, output_final_state, tabs):
-        _, _, gcum, states, v_new, ht = _forward(q, k, v, g, beta, initial_state, tabs, scale, state_v_first,
-                                                 output_final_state)
+        Ai, gcum = _ops["chunk_delta_solve"](k, beta, g, tabs.chunks)
+        _, states, v_new, ht = _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state)
         (o,) = _ops["chunk_delta_fwd_o"](q, k, v_new, gcum, states, tabs.chunks, scale)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, Ai, gcum)
         ctx.args = (scale, state_v_first, tabs)
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, Ai, gcum = ctx.saved_tensors
         scale, state_v_first, tabs = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        Ai, w, gcum, states, v_new, _ = _forward(q, k, v, g, beta, initial_state, tabs, scale, state_v_first, False)
+        w, states, v_new, _ = _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, False)
         (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
         dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
                                                              tabs.chunks, scale, state_v_first,
-                                                             initial_state is not None)
+                                                             initial_state is not None, _narrow(tabs, v))
         dq, dk_state, dw, dG = _ops["chunk_delta_bwd_dqkw"](q, k, v_new, gcum, do, dv_new, states, dstates,
                                                             tabs.chunks, scale)
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)
