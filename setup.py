@@ -42,7 +42,7 @@ if any(cmd in sys.argv for cmd in ("build", "build_py", "build_ext", "bdist_whee
     compile_kernels()
 
 setup(
-    packages=["fla_aot", "fla_aot.ops", "fla_aot.reference"],
+    packages=["fla_aot", "fla_aot.ops", "fla_aot.reference", "fla_aot.layers", "fla_aot.models"],
     package_data={"fla_aot": ["kernels/manifest.json", "kernels/sm_*/*.cubin"]},
     ext_modules=[
         CUDAExtension(

@@ -1,0 +1,98 @@
+"""GatedLinearAttention on fla_aot's GLA ops; fla's constructor and parameter names."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fla_aot.ops as ops
+from fla_aot.layers.mixer import TokenMixer, check_mode, heads
+from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, activation
+
+
+class GatedLinearAttention(TokenMixer):
+    """GLA: S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t with a low-rank per-key gate
+    gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer. Prefill runs `chunk_gla`, decoding (T == 1)
+    `fused_recurrent_gla`; the state is kept [N, H, V, K] (state_v_first) like fla's."""
+
+    def __init__(self, mode: str = 'chunk', hidden_size: int = 1024, expand_k: float = 0.5, expand_v: float = 1.0,
+                 num_heads: int = 4, num_kv_heads: int | None = None, feature_map: str | None = None,
+                 use_short_conv: bool = False, conv_size: int = 4, conv_bias: bool = False,
+                 use_output_gate: bool = True, gate_fn: str = 'swish', elementwise_affine: bool | None = True,
+                 norm_eps: float = 1e-5, gate_logit_normalizer: int = 16, gate_low_rank_dim: int = 16,
+                 clamp_min: float | None = None, fuse_norm: bool = True, layer_idx: int = None):
+        super().__init__()
+        check_mode("GatedLinearAttention", mode, ('chunk', 'fused_recurrent', 'fused_chunk'))
+        self.mode, self.hidden_size, self.expand_k, self.expand_v = mode, hidden_size, expand_k, expand_v
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.feature_map_fn = activation(feature_map, "feature_map")
+        self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
+        self.use_output_gate = use_output_gate
+        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
+        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
+        if not (math.isclose(key_dim, self.key_dim) and math.isclose(value_dim, self.value_dim)):
+            raise ValueError("hidden_size * expand_k and hidden_size * expand_v must be integers")
+        if self.key_dim % num_heads or self.value_dim % num_heads:
+            raise ValueError(f"key and value dims must be divisible by num_heads={num_heads}")
+        self.key_dim_per_group = self.key_dim // self.num_kv_groups
+        self.value_dim_per_group = self.value_dim // self.num_kv_groups
+        self.clamp_min, self.layer_idx = clamp_min, layer_idx
+        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False)
+        if use_output_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, bias=conv_bias, activation='silu')
+            self.k_conv1d = ShortConvolution(self.key_dim_per_group, conv_size, bias=conv_bias, activation='silu')
+            self.v_conv1d = ShortConvolution(self.value_dim_per_group, conv_size, bias=conv_bias, activation='silu')
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, self.key_dim_per_group, bias=True))
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        if gate_fn == 'swish' and fuse_norm and use_output_gate:
+            self.g_norm_swish_gate = FusedRMSNormGated(self.head_v_dim, elementwise_affine, norm_eps)
+            self.fuse_norm_and_gate = True
+        else:
+            self.fuse_norm_and_gate = False
+            self.g_norm = RMSNorm(self.head_v_dim, elementwise_affine, eps=norm_eps)
+            self.gate_fn = activation(gate_fn, "gate_fn")
+        self.gate_logit_normalizer = gate_logit_normalizer
+
+    def mix(self, step):
+        x = step.hidden_states
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q, k, v = step.conv((q, k, v))
+        gk = self.gk_proj(x)
+        q = heads(q, self.head_k_dim)
+        k, gk = heads(k, self.head_k_dim, self.num_kv_groups), heads(gk, self.head_k_dim, self.num_kv_groups)
+        v = heads(v, self.head_v_dim, self.num_kv_groups)
+        gk = F.logsigmoid(gk) / self.gate_logit_normalizer
+        if self.clamp_min is not None:
+            gk = torch.clamp_min(gk, self.clamp_min)
+        if self.feature_map_fn is not None:
+            q, k = self.feature_map_fn(q), self.feature_map_fn(k)
+
+        common = dict(initial_state=step.recurrent_state, output_final_state=step.use_cache, state_v_first=True,
+                      **step.varlen)
+        if step.decoding or self.mode == 'fused_recurrent':
+            o, state = ops.fused_recurrent_gla(q, k, v, gk=gk, **common)
+        else:
+            o, state = ops.chunk_gla(q, k, v, g=gk, **common)
+        if self.use_output_gate:
+            g = self.g_proj(x)
+            if self.fuse_norm_and_gate:
+                o = self.g_norm_swish_gate(o, heads(g, self.head_v_dim)).flatten(-2)
+            else:
+                o = self.g_norm(o).flatten(-2) * self.gate_fn(g)
+        else:
+            o = self.g_norm(o).flatten(-2)
+        return self.o_proj(o), state
