@@ -209,8 +209,16 @@ CUfunction function_for_device(const Variant& cv, const std::string& kernels_dir
   check_cu(cu.cuModuleLoadData(&module, image.data()), ("cuModuleLoadData(" + path + ")").c_str());
   CUfunction f;
   check_cu(cu.cuModuleGetFunction(&f, module, v.kernel_name.c_str()), "cuModuleGetFunction");
-  if (v.shared > 48 * 1024)  // above 48 KB a kernel must opt in to dynamic shared memory
+  if (v.shared > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
+    // sm_80 cubins also serve sm_86/89 GPUs, which have less shared memory than the build allowed for
+    int optin = 0;
+    check_cu(cu.cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, device),
+             "cuDeviceGetAttribute");
+    TORCH_CHECK_NOT_IMPLEMENTED(v.shared <= optin, cat("fla_aot: kernel variant ", v.key, " (", v.kernel_name, ") needs ",
+                                v.shared, " bytes of shared memory; this GPU allows ", optin,
+                                ". Build the kernels for its arch: FLA_AOT_ARCHS=<major><minor> pip install (README)"));
     check_cu(cu.cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, v.shared), "cuFuncSetAttribute");
+  }
   v.function[device].store(f, std::memory_order_release);
   return f;
 }

@@ -28,6 +28,13 @@ from tools.kernel_spec import TRITON_VERSION  # noqa: E402
 
 MANIFEST_VERSION = 1
 
+# The most shared memory one program may opt in to, in bytes, by compute capability (CUDA's programming guide);
+# a variant that needs more could never launch there. sm_80 cubins also serve sm_86/89 GPUs (99 KB): the
+# dispatcher checks the device's own limit and names the kernel when it is smaller.
+SHARED_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 103: 232448,
+                 110: 232448, 120: 101376, 121: 101376}
+DEFAULT_SHARED_LIMIT = 101376  # an arch not in the table: the smallest of the recent ones
+
 
 def _family_module(family):
     """A family of triton_src/ by name, or any importable module with SPECS by dotted path."""
@@ -71,13 +78,25 @@ def _compile_one(job):
     family, op_name, variant, arch, cache_dir, key = job
     spec = next(s for s in _family_specs(family) if s.name == op_name)
     attrs = {(int(i),): [["tt.divisibility", d]] for i, d in variant["attrs"].items()}
-    src = ASTSource(spec.kernel, signature=variant["signature"], constexprs=variant["constexprs"], attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=variant["options"])
-    md = compiled.metadata
+    options = dict(variant["options"])
+    limit = SHARED_LIMITS.get(arch, DEFAULT_SHARED_LIMIT)
+    while True:
+        src = ASTSource(spec.kernel, signature=variant["signature"], constexprs=variant["constexprs"], attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        md = compiled.metadata
+        if md.shared <= limit:
+            break
+        # The spec's pipelining depth is tuned where memory allows; an arch with less shared memory gets a
+        # shallower pipeline rather than a kernel that cannot launch (as Triton's autotuner prunes such configs).
+        if options["num_stages"] <= 1:
+            raise RuntimeError(f"{op_name}[{variant['key']}] needs {md.shared} bytes of shared memory with "
+                               f"num_stages=1; sm_{arch} allows {limit}: choose smaller blocks in its launch config")
+        options["num_stages"] -= 1
     meta = {
         "kernel_name": md.name,
         "num_warps": md.num_warps,
         "shared": md.shared,
+        "num_stages": options["num_stages"],
         "global_scratch_size": md.global_scratch_size,
         "global_scratch_align": md.global_scratch_align,
         "profile_scratch_size": getattr(md, "profile_scratch_size", 0),
@@ -89,6 +108,15 @@ def _compile_one(job):
     (cache_dir / f"{key}.cubin").write_bytes(compiled.asm["cubin"])
     (cache_dir / f"{key}.json").write_text(json.dumps(meta))
     return meta
+
+
+def _cached(cache_dir, key, arch):
+    """Whether the variant is in the cache, compiled within the arch's shared-memory limit (entries from before
+    that limit was enforced may exceed it)."""
+    meta, cubin = cache_dir / f"{key}.json", cache_dir / f"{key}.cubin"
+    if not (meta.exists() and cubin.exists()):
+        return False
+    return json.loads(meta.read_text())["shared"] <= SHARED_LIMITS.get(arch, DEFAULT_SHARED_LIMIT)
 
 
 def _count_scratch_params(ptx, name, variant):
@@ -156,7 +184,7 @@ def main(argv=None):
                     vlist.append(dict(v, cache_key=key, cubin=f"sm_{arch}/{spec.name}.{v['key']}.cubin"))
                     job = (family, spec.name, v, arch, cache_dir, key)
                     jobs.append((job, vlist[-1]))
-                    if not ((cache_dir / f"{key}.cubin").exists() and (cache_dir / f"{key}.json").exists()):
+                    if not _cached(cache_dir, key, arch):
                         todo.append(job)
 
     start = time.time()
