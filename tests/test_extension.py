@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fla_aot.ops as ops
 from fla_aot._manifest_rules import check_args, pick_variant, schema
 from fla_aot._registry import MANIFEST
-from tests.fused_recurrent_cases import GROUPED, OPS, make_inputs
+from tests.fused_recurrent_cases import GROUPED, OPS, make_inputs, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
@@ -413,12 +413,49 @@ def test_linear_attn_normalize_not_supported():
         ops.fused_recurrent_linear_attn(**kw, normalize=True)
 
 
-@pytest.mark.parametrize("extra", [dict(use_gate_in_kernel=True), dict(A_log=torch.zeros(2)),
-                                   dict(dt_bias=torch.zeros(2))], ids=["use_gate_in_kernel", "A_log", "dt_bias"])
-def test_gate_in_kernel_not_supported(extra):
-    kw = make_inputs("gated_delta_rule", B=1, T=4, H=2, K=8, V=8, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="use_gate_in_kernel"):
-        ops.fused_recurrent_gated_delta_rule(**kw, **extra)
+def _gdn_inputs(B, T):
+    """Inputs both gated delta rules take (the recurrent form's gk/gv left out)."""
+    kw = make_inputs("gated_delta_rule", B=B, T=T, H=2, K=8, V=8, dtype=torch.float32)
+    return {name: kw[name] for name in ("q", "k", "v", "g", "beta", "initial_state")}
+
+
+@pytest.mark.parametrize("op", ["fused_recurrent_gated_delta_rule", "chunk_gated_delta_rule"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gate_in_kernel_is_fla_gdn_gate(op, with_bias):
+    """use_gate_in_kernel: the decay -exp(A_log) * softplus(g + dt_bias) from the raw g, as fla computes it; the
+    gradients reach g, A_log and dt_bias."""
+    kw = _gdn_inputs(B=2, T=5)
+    raw = torch.randn_like(kw.pop("g"), requires_grad=True)
+    A_log = torch.randn(2, requires_grad=True)
+    dt_bias = torch.randn(2, requires_grad=True) if with_bias else None
+    o, _ = getattr(ops, op)(**kw, g=raw, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias)
+    x = raw.detach() + (dt_bias.detach() if with_bias else 0.)
+    g = (-A_log.detach().exp() * torch.log1p(x.exp())).requires_grad_()  # softplus written out
+    want, _ = getattr(ops, op)(**kw, g=g)
+    assert rel_err(o, want) < 1e-6
+    do = torch.randn_like(o)
+    leaves = [raw, A_log] + ([dt_bias] if with_bias else [])
+    grads = torch.autograd.grad(o, leaves, do)
+    (dg,) = torch.autograd.grad(want, g, do)
+    sig = torch.sigmoid(x)
+    assert rel_err(grads[0], dg * -A_log.detach().exp() * sig) < 1e-5
+    assert rel_err(grads[1], (dg * g.detach()).sum((0, 1))) < 1e-5
+    if with_bias:
+        assert rel_err(grads[2], grads[0].sum((0, 1))) < 1e-5
+
+
+@pytest.mark.parametrize("op", ["fused_recurrent_gated_delta_rule", "chunk_gated_delta_rule"])
+def test_gate_in_kernel_arguments(op):
+    kw = _gdn_inputs(B=1, T=4)
+    with pytest.raises(ValueError, match="needs A_log"):
+        getattr(ops, op)(**kw, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="A_log must be a float tensor"):
+        getattr(ops, op)(**kw, use_gate_in_kernel=True, A_log=torch.zeros(3))
+    with pytest.raises(ValueError, match="dt_bias must be a float tensor"):
+        getattr(ops, op)(**kw, use_gate_in_kernel=True, A_log=torch.zeros(2), dt_bias=torch.zeros(2, 2))
+    # without use_gate_in_kernel fla ignores A_log and dt_bias: g is already the log-space decay
+    o, _ = getattr(ops, op)(**kw, A_log=torch.randn(2), dt_bias=torch.randn(2))
+    assert torch.equal(o, getattr(ops, op)(**kw)[0])
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -13,7 +13,7 @@ import torch
 
 from fla_aot._registry import OPS
 from fla_aot.ops.chunk import _tables, sm_count
-from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
+from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, gated_delta_gate
 from fla_aot.reference import fused_recurrent_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -193,9 +193,14 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                            cp_context=None, **kwargs):
     """Gated delta rule in chunks: S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S'); g, beta
     [B, T, HV] (grouped value heads: v [B, T, HV, V], HV a multiple of H). use_beta_sigmoid_in_kernel applies
-    sigmoid to beta, allow_neg_eigval doubles it. chunk_indices (fla's precomputed chunk list) is not needed:
+    sigmoid to beta, allow_neg_eigval doubles it; use_gate_in_kernel=True (with A_log [HV] and optional dt_bias [HV],
+    through **kwargs as in fla) takes g as the raw gate: the decay is -exp(A_log) * softplus(g + dt_bias). chunk_indices (fla's precomputed chunk list) is not needed:
     the chunk tables come from cu_seqlens. Returns (o, final_state)."""
     op = "chunk_gated_delta_rule"
+    if kwargs.pop("use_gate_in_kernel", False):  # fla's options taken through **kwargs
+        g = gated_delta_gate(op, g, kwargs.pop("A_log", None), kwargs.pop("dt_bias", None))
+    else:
+        kwargs.pop("A_log", None), kwargs.pop("dt_bias", None)
     if kwargs:
         check_kwargs(op, kwargs)
     if cp_context is not None:

@@ -14,7 +14,7 @@ import torch
 
 from fla_aot._manifest_rules import check_args
 from fla_aot._registry import MANIFEST, OPS
-from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
+from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, gated_delta_gate
 from fla_aot.reference import fused_recurrent_reference
 
 _ENTRY = MANIFEST["ops"]["fused_recurrent_fwd"]
@@ -217,13 +217,13 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=Non
     """Gated delta rule, S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S'), with optional
     key/value gates gk, gv; grouped value heads (v [B, T, HV, V], HV a multiple of H).
     use_beta_sigmoid_in_kernel applies sigmoid to beta, allow_neg_eigval doubles it (range (0, 2)).
+    use_gate_in_kernel takes g as the raw gate input: the decay is -exp(A_log) * softplus(g + dt_bias).
     Returns (o, final_state)."""
     op = "fused_recurrent_gated_delta_rule"
     if kwargs:
         check_kwargs(op, kwargs)
-    if use_gate_in_kernel or A_log is not None or dt_bias is not None:
-        raise NotImplementedError(f"{op}: use_gate_in_kernel / A_log / dt_bias are not supported yet; "
-                                  f"pass the gate g already computed")
+    if use_gate_in_kernel:  # else fla ignores A_log and dt_bias
+        g = gated_delta_gate(op, g, A_log, dt_bias)
     return _fused_recurrent(op, q, k, v, g, None, gk, gv, beta, scale, initial_state, output_final_state, False,
                             use_qk_l2norm_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first,
                             cu_seqlens, kwargs.get("cu_seqlens_cpu"), True)

@@ -13,6 +13,27 @@ def check_kwargs(op, kwargs):
                         + (" (fla_aot takes [B, T, H, K] inputs only)" if key == "head_first" else ""))
 
 
+def gated_delta_gate(op, g, A_log, dt_bias):
+    """fla's use_gate_in_kernel for the gated delta rule: the log-space decay -exp(A_log) * softplus(g + dt_bias)
+    (float32, [B, T, HV]) from the raw gate g [B, T, HV] and per-value-head A_log, dt_bias [HV]. Plain torch ops
+    ahead of the kernels, so autograd differentiates it (g, A_log and dt_bias all get gradients)."""
+    if g is None:
+        raise ValueError(f"{op}: use_gate_in_kernel=True needs g, the raw gate input [B, T, HV]")
+    if A_log is None:
+        raise ValueError(f"{op}: use_gate_in_kernel=True needs A_log [HV]")
+    HV = g.shape[-1]
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (HV,) or not x.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a float tensor [HV] = [{HV}], got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.device != g.device:
+            raise ValueError(f"{op}: {name} must be on {g.device} like g, got {x.device}")
+    x = g.float() if dt_bias is None else g.float() + dt_bias.float()
+    return -torch.exp(A_log.float()) * torch.nn.functional.softplus(x)
+
+
 def _capturing():
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
