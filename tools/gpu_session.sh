@@ -27,7 +27,7 @@ for step in "$@"; do
             arch=$(python3 -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
             FLA_AOT_ARCHS=$arch python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 ;;
         tests)
-            python3 -m pytest -m gpu -q -rf -p no:cacheprovider ${rest:-tests} 2>&1 | tee "$OUT/tests_$i.log" | tail -n 40 ;;
+            python3 -m pytest -m gpu -q -rf --durations=15 -p no:cacheprovider ${rest:-tests} 2>&1 | tee "$OUT/tests_$i.log" | tail -n 40 ;;
         bench)
             read -r script args <<< "$rest"
             python3 "benchmarks/$script" --out "$OUT/benchmarks" ${args:-} > "$OUT/bench_${i}_${script%.py}.log" 2>&1 ;;

@@ -76,6 +76,7 @@ class BucketAxis:
     constexpr: str                         # e.g. BK
     symbol: str                            # e.g. K: the smallest bucket >= K is used
     buckets: list
+    exact: bool = False                    # the symbol must equal a bucket (kernels that do not mask along it)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class AlignedAxis:
     16 (vectorised loads, as Triton's JIT would specialise), used when that holds; one for the rest."""
     symbols: list
     divisor: int = 16
+    fallback: bool = True                  # False: only the aligned variant (the op's Python side guarantees it)
 
 
 @dataclass
@@ -151,7 +153,7 @@ class OpSpec:
             elif isinstance(ax, BucketAxis):
                 choices.append([(ax, b) for b in ax.buckets])
             elif isinstance(ax, AlignedAxis):
-                choices.append([(ax, v) for v in (True, False)])
+                choices.append([(ax, v) for v in ((True, False) if ax.fallback else (True,))])
             else:
                 choices.append([(ax, v) for v in (False, True)])
         out = []
@@ -165,8 +167,9 @@ class OpSpec:
                 elif isinstance(ax, BucketAxis):
                     constexprs[ax.constexpr] = val
                     i = ax.buckets.index(val)
+                    above = val - 1 if ax.exact else (ax.buckets[i - 1] if i else -1)
                     guards.append({"kind": "bucket", "symbol": self.symbols().index(ax.symbol),
-                                   "above": ax.buckets[i - 1] if i else -1, "value": val})
+                                   "above": above, "value": val})
                     key.append(f"{ax.constexpr}{val}")
                 elif isinstance(ax, AlignedAxis):
                     key.append(f"A{ax.divisor if val else 1}")

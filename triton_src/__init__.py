@@ -3,4 +3,4 @@
 Build-time only: nothing under fla_aot imports this package, so Triton is not needed at run time.
 """
 
-FAMILIES = ["fused_recurrent", "chunk", "chunk_gla", "chunk_delta"]
+FAMILIES = ["fused_recurrent", "chunk", "chunk_gla", "chunk_delta", "flash_attn"]
