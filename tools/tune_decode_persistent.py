@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""An experiment for the decode step's memory floor: a persistent form of the fused_recurrent forward, timed
+against the frozen kernel, through Triton's JIT.
+
+    python tools/tune_decode_persistent.py [--out table.md]     # on a GPU
+    python tools/tune_decode_persistent.py --check              # anywhere: the interpreter against the reference
+
+At decode (T=1) the kernel streams every state once: 64 KB read and written per (sequence, head) at K=V=128.
+The frozen kernel runs one program per (sequence, head, V-slice) tile and holds its tile in registers from
+load to store, so at B=32 (2048 tiles) about 1.5 waves of programs fit on an H200 and each program's reads and
+writes come in two bursts. The persistent form launches a fixed number of programs per multiprocessor; each
+walks tiles pid, pid + P, ... and issues the loads of its next tile's state before it updates and stores the
+current one, so reads and writes overlap as in a copy. If it wins, it moves into triton_src/fused_recurrent.py
+(a grid over the device's multiprocessors is then needed from the dispatcher).
+
+Measured like tools/tune_fused_recurrent.py: CUDA events around replays of a CUDA graph of 4 launches on 4
+input sets (no launch overhead; the state is not served from L2), gated delta rule and GLA, bf16, H=16.
+"""
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+if "--check" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton_src is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.kernel_spec import DTYPE_CODES  # noqa: E402
+from triton_src.fused_recurrent import _decay, _load_f32  # noqa: E402
+
+CODE = {torch.float32: DTYPE_CODES["float32"], torch.bfloat16: DTYPE_CODES["bfloat16"]}
+
+
+@triton.jit
+def _state(h0, tile, n_tiles, n_v, K, V, o_k, BV: tl.constexpr):
+    # the initial state of tile (sequence x head, V-slice); zeros past the last tile
+    o_v = (tile % n_v) * BV + tl.arange(0, BV)
+    mask = (o_k < K)[:, None] & (o_v < V)[None, :] & (tile < n_tiles)
+    base = (tile // n_v).to(tl.int64) * K * V
+    return tl.load(h0 + base + o_k[:, None] * V + o_v[None, :], mask=mask, other=0., eviction_policy="evict_first")
+
+
+@triton.jit
+def persistent_fwd_kernel(q, k, v, g, gk, beta, h0, o, ht, g_dtype, gk_dtype, beta_dtype, scale, N, T, H, K, V,
+                          use_qk_l2norm, BK: tl.constexpr, BV: tl.constexpr, DELTA_RULE: tl.constexpr,
+                          PREFETCH: tl.constexpr):
+    """fused_recurrent_fwd_kernel's math (no varlen, reverse, grouped heads or state_v_first) over the tiles
+    pid, pid + P, ... of N x H x cdiv(V, BV); with PREFETCH the next tile's state is loaded before this one is
+    updated and stored."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    n_v = tl.cdiv(V, BV)
+    n_tiles = N * H * n_v
+    o_k = tl.arange(0, BK)
+    mask_k = o_k < K
+    b_next = _state(h0, pid, n_tiles, n_v, K, V, o_k, BV)
+    for tile in range(pid, n_tiles, n_prog):
+        if PREFETCH:
+            b_h = b_next
+            b_next = _state(h0, tile + n_prog, n_tiles, n_v, K, V, o_k, BV)
+        else:
+            b_h = _state(h0, tile, n_tiles, n_v, K, V, o_k, BV)
+        i_nh = tile // n_v
+        i_n = i_nh // H
+        i_h = i_nh % H
+        o_v = (tile % n_v) * BV + tl.arange(0, BV)
+        mask_v = o_v < V
+        for i_t in range(0, T):
+            t = i_n.to(tl.int64) * T + i_t
+            off_qk = (t * H + i_h) * K
+            off_v = (t * H + i_h) * V
+            off_g = t * H + i_h
+            b_q = tl.load(q + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+            b_k = tl.load(k + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+            b_v = tl.load(v + off_v + o_v, mask=mask_v, other=0.).to(tl.float32)
+            if use_qk_l2norm != 0:
+                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+            b_q = b_q * scale
+            b_h = _decay(b_h, g, gk, gk, 1., off_g, off_g * K + o_k, off_v + o_v, mask_k, mask_v,
+                         g_dtype, 0, gk_dtype, 0)
+            if DELTA_RULE:
+                b_beta = _load_f32(beta, off_g, beta_dtype != 0, beta_dtype, 1.)
+                b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], 0))
+            b_h += b_k[:, None] * b_v[None, :]
+            tl.store(o + off_v + o_v, tl.sum(b_h * b_q[:, None], 0).to(o.dtype.element_ty), mask=mask_v)
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h,
+                 mask=mask_k[:, None] & mask_v[None, :], cache_modifier=".cs")
+
+
+def make_set(B, T, H, K, V, delta, device):
+    d = dict(device=device)
+    s = dict(q=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d), k=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d),
+             v=torch.randn(B, T, H, V, dtype=torch.bfloat16, **d), h0=torch.randn(B, H, K, V, **d),
+             o=torch.empty(B, T, H, V, dtype=torch.bfloat16, **d), ht=torch.empty(B, H, K, V, **d))
+    if delta:
+        s["g"] = -torch.rand(B, T, H, **d)
+        s["beta"] = torch.rand(B, T, H, dtype=torch.bfloat16, **d)
+    else:
+        s["gk"] = -torch.rand(B, T, H, K, **d)
+    return s
+
+
+def launch(s, programs, BV, num_warps, prefetch, delta):
+    B, T, H, K = s["q"].shape
+    V = s["v"].shape[-1]
+    dummy = s["h0"]
+
+    def code(name):
+        return CODE[s[name].dtype] if name in s else 0
+
+    persistent_fwd_kernel[(programs,)](
+        s["q"], s["k"], s["v"], s.get("g", dummy), s.get("gk", dummy), s.get("beta", dummy), s["h0"], s["o"], s["ht"],
+        code("g"), code("gk"), code("beta"), K ** -0.5, B, T, H, K, V, int(delta),
+        BK=triton.next_power_of_2(K), BV=BV, DELTA_RULE=delta, PREFETCH=prefetch, num_warps=num_warps, num_stages=1)
+
+
+def check():
+    """The persistent kernel under the interpreter against fla_aot's reference: tiles that do not divide among the
+    programs, a masked head dim, several tokens, with and without prefetch."""
+    from fla_aot.reference import fused_recurrent_reference
+    torch.manual_seed(0)
+    for delta, prefetch, (B, T, H, K, V, programs, BV) in itertools.product(
+            [True, False], [True, False], [(3, 1, 2, 20, 24, 5, 8), (2, 3, 2, 16, 32, 3, 16)]):
+        s = make_set(B, T, H, K, V, delta, "cpu")
+        launch(s, programs, BV, 1, prefetch, delta)
+        ref_o, ref_ht = fused_recurrent_reference(
+            s["q"].float(), s["k"].float(), s["v"].float(), g=s.get("g"), gk=s.get("gk"),
+            beta=None if "beta" not in s else s["beta"].float(), initial_state=s["h0"], output_final_state=True,
+            use_qk_l2norm=delta, delta_rule=delta)
+        err_o = ((s["o"].float() - ref_o.float()).norm() / ref_o.float().norm()).item()
+        err_h = ((s["ht"] - ref_ht).norm() / ref_ht.norm()).item()
+        print(f"delta={delta} prefetch={prefetch} B={B} T={T} K={K} V={V} P={programs} BV={BV}: "
+              f"o {err_o:.1e}, state {err_h:.1e}")
+        assert err_o < 1e-2 and err_h < 1e-5, (err_o, err_h)
+    print("check passed")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--check", action="store_true", help="run the interpreter check (no GPU needed) and stop")
+    args = p.parse_args()
+    if args.check:
+        return check()
+    from tools.tune_fused_recurrent import graph_time_us
+    from tools.tune_fused_recurrent import launch as frozen_launch
+    from tools.tune_fused_recurrent import make_set as frozen_set
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = ["| op | B | K=V | kernel | programs / SM | BV | warps | prefetch | µs per call |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for delta, B, K in itertools.product([True, False], [1, 32], [128]):
+        H, name = 16, "gated_delta_rule" if delta else "gla"
+        frozen = [frozen_set(B, 1, H, K, K, delta) for _ in range(4)]
+        us = graph_time_us(lambda: [frozen_launch(x, B, 1, H, K, K, 32, 1, delta) for x in frozen]) / 4
+        rows.append(f"| {name} | {B} | {K} | frozen | - | 32 | 1 | - | {us:.2f} |")
+        sets = [make_set(B, 1, H, K, K, delta, "cuda") for _ in range(4)]
+        results = []
+        for per_sm, BV, w, prefetch in itertools.product([1, 2, 4, 8, 16], [16, 32, 64], [1, 2, 4], [True, False]):
+            if K * BV // (32 * w) * (2 if prefetch else 1) > 256:  # two tiles in registers with prefetch
+                continue
+            programs = min(per_sm * sms, B * H * triton.cdiv(K, BV))
+            t = graph_time_us(lambda: [launch(x, programs, BV, w, prefetch, delta) for x in sets]) / 4
+            results.append((t, per_sm, BV, w, prefetch))
+        results.sort()
+        for t, per_sm, BV, w, prefetch in results[:5]:
+            rows.append(f"| {name} | {B} | {K} | persistent | {per_sm} | {BV} | {w} | {prefetch} | {t:.2f} |")
+        print(name, B, K, "frozen", us, "best persistent", results[:3], flush=True)
+    text = "\n".join(rows)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
