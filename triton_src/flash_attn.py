@@ -161,12 +161,11 @@ def _fwd_body(q, k, v, q2, k2, cu_q, cu_k, seed_ptr, o, lse, cu_code, sm_scale, 
         qt2 = tl.load(q2 + q_off, mask=mask_m, other=0.)
     else:
         qt2 = qt
+    # Tile pointers are rebuilt each step from a scalar base and loop-invariant int32 offsets: carried through
+    # the loop, three [BN, BD] tensors of 64-bit pointers would spill the registers.
     kv_base = (bos_k.to(tl.int64) * HK + i_hk) * BD
     kv_off = offs_n[:, None] * (HK * BD) + offs_d[None, :]
-    kp = k + kv_base + kv_off
-    k2p = k2 + kv_base + kv_off
-    vp = v + kv_base + kv_off
-    step = BN * HK * BD
+    kv_stride = tl.cast(HK, tl.int64) * BD  # 64-bit offsets: T * HK * D may pass 2^31
     seed = 0
     rng_off = 0
     if DROPOUT:
@@ -179,17 +178,15 @@ def _fwd_body(q, k, v, q2, k2, cu_q, cu_k, seed_ptr, o, lse, cu_code, sm_scale, 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     clean, hi = _key_range(m0, len_q, len_k, shift, BM, BN, CAUSAL)
     for n0 in range(0, clean, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qt, qt2, kp, k2p, vp, rows, n0 + offs_n, len_k, shift, qk_scale,
-                                  dist, seed, rng_off, seq_head, dropout_p, False, CAUSAL, DROPOUT, PIECEWISE)
-        kp += step
-        k2p += step
-        vp += step
+        base = kv_base + n0 * kv_stride
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qt, qt2, k + base + kv_off, k2 + base + kv_off, v + base + kv_off,
+                                  rows, n0 + offs_n, len_k, shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p,
+                                  False, CAUSAL, DROPOUT, PIECEWISE)
     for n0 in range(clean, hi, BN):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qt, qt2, kp, k2p, vp, rows, n0 + offs_n, len_k, shift, qk_scale,
-                                  dist, seed, rng_off, seq_head, dropout_p, True, CAUSAL, DROPOUT, PIECEWISE)
-        kp += step
-        k2p += step
-        vp += step
+        base = kv_base + n0 * kv_stride
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, qt, qt2, k + base + kv_off, k2 + base + kv_off, v + base + kv_off,
+                                  rows, n0 + offs_n, len_k, shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p,
+                                  True, CAUSAL, DROPOUT, PIECEWISE)
 
     empty = l_i == 0.  # no visible key: o = 0, lse = -inf
     l_use = tl.where(empty, 1., l_i)
@@ -301,6 +298,20 @@ def _query_range(n0, len_q, shift, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: t
 
 
 @triton.jit
+def _dkdv_rows(dk, dk2, dv, kt, k2t, vt, q, q2, do, lse, delta, q_head, l_head, q_off, offs_m, start, end, cols, len_q,
+               shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p, H, BM: tl.constexpr, BD: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr):
+    # the query tiles [start, end) of one query head against the key tile
+    for m0 in range(start, end, BM):
+        qb = q_head + m0 * (tl.cast(H, tl.int64) * BD)
+        lb = l_head + m0
+        dk, dk2, dv = _dkdv_tile(dk, dk2, dv, kt, k2t, vt, q + qb + q_off, q2 + qb + q_off, do + qb + q_off,
+                                 lse + lb + offs_m, delta + lb + offs_m, m0 + offs_m, cols, len_q, shift, qk_scale,
+                                 dist, seed, rng_off, seq_head, dropout_p, MASKED, CAUSAL, DROPOUT, PIECEWISE)
+    return dk, dk2, dv
+
+
+@triton.jit
 def _dkdv_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dk, dk2, dv, cu_code, sm_scale, dropout_p,
                dist, TQ, TK, H, HK, MK, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
                DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr):
@@ -334,46 +345,28 @@ def _dkdv_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dk, dk2, d
         seed = tl.load(seed_ptr)
         rng_off = tl.load(seed_ptr + 1).to(tl.int32)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
-    b_dk2 = tl.zeros([BN, BD], dtype=tl.float32)
+    if PIECEWISE:
+        b_dk2 = tl.zeros([BN, BD], dtype=tl.float32)
+    else:
+        b_dk2 = tl.zeros([1, 1], dtype=tl.float32)  # unused: no registers held for it through the loops
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
     lo, a, b = _query_range(n0, len_q, shift, BM, BN, CAUSAL)
-    step = BM * H * BD
+    q_off = offs_m[:, None] * (H * BD) + offs_d[None, :]  # per-step pointers, as in _fwd_body
     for g in range(0, group):  # the query heads that read this key/value head
         i_h = i_hk * group + g
         seq_head = i_b * H + i_h
-        q_off = (bos_q + lo + offs_m[:, None]).to(tl.int64) * (H * BD) + i_h * BD + offs_d[None, :]
-        qp = q + q_off
-        q2p = q2 + q_off
-        dop = do + q_off
-        lse_p = lse + lse0 + i_h * TQ + lo + offs_m
-        delta_p = delta + lse0 + i_h * TQ + lo + offs_m
-        for m0 in range(lo, a, BM):
-            b_dk, b_dk2, b_dv = _dkdv_tile(b_dk, b_dk2, b_dv, kt, k2t, vt, qp, q2p, dop, lse_p, delta_p, m0 + offs_m,
-                                           cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p,
-                                           True, CAUSAL, DROPOUT, PIECEWISE)
-            qp += step
-            q2p += step
-            dop += step
-            lse_p += BM
-            delta_p += BM
-        for m0 in range(a, b, BM):
-            b_dk, b_dk2, b_dv = _dkdv_tile(b_dk, b_dk2, b_dv, kt, k2t, vt, qp, q2p, dop, lse_p, delta_p, m0 + offs_m,
-                                           cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p,
-                                           False, CAUSAL, DROPOUT, PIECEWISE)
-            qp += step
-            q2p += step
-            dop += step
-            lse_p += BM
-            delta_p += BM
-        for m0 in range(b, len_q, BM):
-            b_dk, b_dk2, b_dv = _dkdv_tile(b_dk, b_dk2, b_dv, kt, k2t, vt, qp, q2p, dop, lse_p, delta_p, m0 + offs_m,
-                                           cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head, dropout_p,
-                                           True, CAUSAL, DROPOUT, PIECEWISE)
-            qp += step
-            q2p += step
-            dop += step
-            lse_p += BM
-            delta_p += BM
+        q_head = bos_q.to(tl.int64) * (H * BD) + i_h * BD
+        l_head = lse0 + i_h * TQ
+        # query tiles the diagonal cuts, those that see every key of this tile, those past the sequence's end
+        b_dk, b_dk2, b_dv = _dkdv_rows(b_dk, b_dk2, b_dv, kt, k2t, vt, q, q2, do, lse, delta, q_head, l_head, q_off,
+                                       offs_m, lo, a, cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head,
+                                       dropout_p, H, BM, BD, True, CAUSAL, DROPOUT, PIECEWISE)
+        b_dk, b_dk2, b_dv = _dkdv_rows(b_dk, b_dk2, b_dv, kt, k2t, vt, q, q2, do, lse, delta, q_head, l_head, q_off,
+                                       offs_m, a, b, cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head,
+                                       dropout_p, H, BM, BD, False, CAUSAL, DROPOUT, PIECEWISE)
+        b_dk, b_dk2, b_dv = _dkdv_rows(b_dk, b_dk2, b_dv, kt, k2t, vt, q, q2, do, lse, delta, q_head, l_head, q_off,
+                                       offs_m, b, len_q, cols, len_q, shift, qk_scale, dist, seed, rng_off, seq_head,
+                                       dropout_p, H, BM, BD, True, CAUSAL, DROPOUT, PIECEWISE)
     tl.store(dk + kv_off, (b_dk * sm_scale).to(dk.dtype.element_ty), mask=mask_n)
     tl.store(dv + kv_off, b_dv.to(dv.dtype.element_ty), mask=mask_n)
     if PIECEWISE:
@@ -472,11 +465,8 @@ def _dq_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dq, dq2, cu_
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
     b_delta = tl.load(delta + lse0 + i_h * TQ + rows, mask=mrow, other=0.)
     kv_base = (bos_k.to(tl.int64) * HK + i_hk) * BD
-    kv_off = offs_n[:, None] * (HK * BD) + offs_d[None, :]
-    kp = k + kv_base + kv_off
-    k2p = k2 + kv_base + kv_off
-    vp = v + kv_base + kv_off
-    step = BN * HK * BD
+    kv_off = offs_n[:, None] * (HK * BD) + offs_d[None, :]  # per-step pointers, as in _fwd_body
+    kv_stride = tl.cast(HK, tl.int64) * BD
     seed = 0
     rng_off = 0
     if DROPOUT:
@@ -484,20 +474,21 @@ def _dq_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dq, dq2, cu_
         rng_off = tl.load(seed_ptr + 1).to(tl.int32)
     seq_head = i_b * H + i_h
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    b_dq2 = tl.zeros([BM, BD], dtype=tl.float32)
+    if PIECEWISE:
+        b_dq2 = tl.zeros([BM, BD], dtype=tl.float32)
+    else:
+        b_dq2 = tl.zeros([1, 1], dtype=tl.float32)  # unused
     clean, hi = _key_range(m0, len_q, len_k, shift, BM, BN, CAUSAL)
     for n0 in range(0, clean, BN):
-        b_dq, b_dq2 = _dq_tile(b_dq, b_dq2, qt, qt2, dot, b_lse, b_delta, kp, k2p, vp, rows, n0 + offs_n, len_k, shift,
-                               qk_scale, dist, seed, rng_off, seq_head, dropout_p, False, CAUSAL, DROPOUT, PIECEWISE)
-        kp += step
-        k2p += step
-        vp += step
+        base = kv_base + n0 * kv_stride
+        b_dq, b_dq2 = _dq_tile(b_dq, b_dq2, qt, qt2, dot, b_lse, b_delta, k + base + kv_off, k2 + base + kv_off,
+                               v + base + kv_off, rows, n0 + offs_n, len_k, shift, qk_scale, dist, seed, rng_off,
+                               seq_head, dropout_p, False, CAUSAL, DROPOUT, PIECEWISE)
     for n0 in range(clean, hi, BN):
-        b_dq, b_dq2 = _dq_tile(b_dq, b_dq2, qt, qt2, dot, b_lse, b_delta, kp, k2p, vp, rows, n0 + offs_n, len_k, shift,
-                               qk_scale, dist, seed, rng_off, seq_head, dropout_p, True, CAUSAL, DROPOUT, PIECEWISE)
-        kp += step
-        k2p += step
-        vp += step
+        base = kv_base + n0 * kv_stride
+        b_dq, b_dq2 = _dq_tile(b_dq, b_dq2, qt, qt2, dot, b_lse, b_delta, k + base + kv_off, k2 + base + kv_off,
+                               v + base + kv_off, rows, n0 + offs_n, len_k, shift, qk_scale, dist, seed, rng_off,
+                               seq_head, dropout_p, True, CAUSAL, DROPOUT, PIECEWISE)
     tl.store(dq + q_off, (b_dq * sm_scale).to(dq.dtype.element_ty), mask=mrow[:, None])
     if PIECEWISE:
         tl.store(dq2 + q_off, (b_dq2 * sm_scale).to(dq2.dtype.element_ty), mask=mrow[:, None])
