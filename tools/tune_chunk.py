@@ -12,7 +12,6 @@ GPU time per step is read from torch.profiler (host overhead excluded). Also tim
 """
 import argparse
 import itertools
-import math
 import sys
 from pathlib import Path
 
@@ -24,12 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
-from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant  # noqa: E402
-from tools.kernel_spec import DTYPE_CODES  # noqa: E402
+from tools.jit_launch import jit_runner  # noqa: E402
 from triton_src import chunk as chunk_src, chunk_delta as chunk_delta_src, chunk_gla as chunk_gla_src  # noqa: E402
 
-ARCH = "sm_90"
-CODE_OF = {DTYPES[name]: code for name, code in DTYPE_CODES.items()}
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 SPECS = chunk_src.SPECS + chunk_gla_src.SPECS + chunk_delta_src.SPECS
 
@@ -79,41 +75,6 @@ def candidates(name):
     elif name == "chunk_gla_scan":
         for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
             yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
-
-
-def jit_runner(spec, override=None, when=None):
-    """A stand-in for OPS[spec.name] launching spec.kernel through Triton's JIT; `override` replaces the
-    launch config of the variants whose constexprs match `when`."""
-    entry = spec.manifest_entry()
-    entry["variants"] = {ARCH: spec.variants()}
-    dummy = torch.zeros(1, device="cuda")
-
-    def run(*args):
-        sym = check_args(entry, args, arch=ARCH)
-        variant = pick_variant(entry, args, sym, ARCH)
-        outs = [torch.zeros(shape, dtype=dtype, device="cuda") if o["zeros"] else
-                torch.empty(shape, dtype=dtype, device="cuda")
-                for o, (shape, dtype) in zip(entry["outputs"], output_shapes(entry, args, sym))]
-        params = {}
-        for p in entry["params"]:
-            kind, i = p["kind"], p["index"]
-            params[p["name"]] = {
-                "tensor": lambda: dummy if args[i] is None else args[i],
-                "output": lambda: outs[i] if outs[i].numel() else dummy,
-                "dtype_code": lambda: 0 if args[i] is None else CODE_OF[args[i].dtype],
-                "symbol": lambda: sym[i],
-                "float": lambda: float(args[i]),
-                "bool": lambda: int(bool(args[i])),
-            }[kind]()
-        constexprs = dict(variant["constexprs"])
-        options = dict(variant["options"])
-        if override and all(constexprs.get(k) == v for k, v in (when or {}).items()):
-            for k, v in override.items():
-                (options if k in options else constexprs)[k] = v
-        grid = [math.prod(-(-sym[s] // div) for s, div in dim) for dim in spec._grid(constexprs) if dim]
-        spec.kernel[tuple(grid)](**params, **constexprs, **options)
-        return tuple(outs)
-    return run
 
 
 def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
