@@ -551,61 +551,33 @@ def flash_attn_total_attention_kernel(q, k, lse, tot, sm_scale, TQ, TK, H, HK, B
     tl.store(tot + i_bh * TK + cols, total, mask=mask_n)
 
 
-# ---- launch configs: one function per kernel; Hopper starting points (not tuned on the GPU yet) ------------------
+# ---- launch configs: one table per kernel; Hopper starting points, not yet timed (tools/tune_flash_attn.py) --------
 # BLOCK_M / BLOCK_N: query / key tile rows. Shared memory stays under the A100's 164 KB for every bucket.
 
-def _fwd_config(BD, **_):
-    # the query tile stays on chip, key/value tiles stream through num_stages buffers
-    if BD <= 32:
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3)
-    if BD == 64:
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-    if BD == 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+def _by_bucket(table):
+    """A launch config from a table: head-dim bucket -> (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    def config(BD, **_):
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), table[BD]))
+    return config
 
 
-def _dkdv_config(BD, **_):
-    # one key tile (dk, dv accumulators on chip) against streaming query tiles; at D=64, 32 query rows a step keep
-    # the causal kernel's spills to 48 B on sm_90 (256 B with 64 rows), by the compiler's resource report
-    if BD <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
-    if BD == 128:
-        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-
-
-def _dq_config(BD, **_):
-    # one query tile (dq accumulator on chip) against streaming key tiles
-    if BD <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    if BD == 128:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-
-
-def _piecewise_fwd_config(BD, **_):
-    # two score products per tile: smaller key tiles than the plain forward
-    if BD <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-
-
-def _piecewise_dkdv_config(BD, **_):
-    # two key tiles and two query tiles per step; D=256 single-buffered to fit the A100's shared memory
-    if BD <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
-    if BD == 128:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-
-
-def _piecewise_dq_config(BD, **_):
-    if BD <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
-    if BD == 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+# the query tile stays on chip, key/value tiles stream through num_stages buffers
+_fwd_config = _by_bucket({16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 8, 3), 128: (128, 64, 8, 3),
+                          256: (64, 32, 4, 2)})
+# one key tile (dk, dv accumulators on chip) against streaming query tiles; at D=64, 32 query rows a step keep the
+# causal kernel's spills to 48 B on sm_90 (256 B with 64 rows), by the compiler's resource report
+_dkdv_config = _by_bucket({16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 128, 8, 3), 128: (32, 128, 8, 3),
+                           256: (32, 64, 8, 2)})
+# one query tile (dq accumulator on chip) against streaming key tiles
+_dq_config = _by_bucket({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3),
+                         256: (64, 32, 8, 2)})
+# piecewise: two score products per tile, so smaller tiles; D=256 single-buffered for the A100's shared memory
+_piecewise_fwd_config = _by_bucket({16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3),
+                                    128: (64, 32, 4, 2), 256: (64, 32, 4, 2)})
+_piecewise_dkdv_config = _by_bucket({16: (32, 128, 8, 2), 32: (32, 128, 8, 2), 64: (32, 128, 8, 2),
+                                     128: (32, 64, 8, 2), 256: (32, 32, 4, 1)})
+_piecewise_dq_config = _by_bucket({16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2),
+                                   128: (64, 32, 8, 2), 256: (32, 32, 4, 1)})
 
 
 def _preprocess_config(BD, **_):
