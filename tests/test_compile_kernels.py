@@ -178,3 +178,21 @@ def test_broken_family_does_not_publish_a_partial_build(build, tmp_path):
     assert "fused_recurrent_fwd[" not in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "manifest.json").exists()
     assert not list(tmp_path.glob("sm_*/*.cubin"))
+
+
+def test_pipelining_is_lowered_to_fit_the_arch(tmp_path):
+    """4 stages of 64 KB tiles do not fit sm_86's 99 KB: the build compiles fewer stages, within the limit."""
+    res, _ = run_tool("--arch", "86", "--out", tmp_path, "--families", "tests.shared_memory_family", "--jobs", 1,
+                      timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (variant,) = json.loads((tmp_path / "manifest.json").read_text())["ops"]["deep_matmul"]["variants"]["sm_86"]
+    assert variant["num_stages"] < 4 and 48 * 1024 < variant["shared"] <= 101376, variant
+
+
+def test_kernel_too_large_for_the_arch_fails_loudly(tmp_path):
+    res, _ = run_tool("--arch", "90", "--out", tmp_path, "--families", "tests.oversized_family", "--jobs", 1,
+                      timeout=300)
+    assert res.returncode != 0
+    assert "tests.oversized_family.huge_matmul[A16] sm_90" in res.stderr.strip().splitlines()[-1]
+    assert "huge_matmul[A16] needs" in res.stderr and "sm_90 allows 232448" in res.stderr
+    assert not (tmp_path / "manifest.json").exists()
