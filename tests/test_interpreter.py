@@ -301,3 +301,9 @@ def test_backward_kernel(op, case):
     for name, got in (("q", dq), ("k", dk), ("v", dv), ("initial_state", dh0)):
         assert torch.isfinite(got).all(), name
         assert rel_err(got, leaves[name].grad) < 1e-4, (name, rel_err(got, leaves[name].grad))
+
+
+def test_persistent_decode_experiment_matches_the_reference():
+    """tools/tune_decode_persistent.py's candidate kernel (several tiles a program, the next state prefetched)."""
+    from tools.tune_decode_persistent import check
+    check()
