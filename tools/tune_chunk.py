@@ -2,6 +2,7 @@
 """Times launch configs of the chunk kernels (triton_src/chunk*.py) on the GPU, through Triton's JIT.
 
     python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--quick]
+    python tools/tune_chunk.py --breakdown gla      # the GPU time of each kernel, frozen configs
 
 Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
 forward + backward (bf16, H=16, K=V=128) at the benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
@@ -113,11 +114,22 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--kernels", default="chunk_scan,chunk_bwd_dqk,chunk_bwd_dv")
     p.add_argument("--no-split", action="store_true", help="skip timing the segment split")
+    p.add_argument("--breakdown", default=None, choices=["simple_gla", "gla", "delta"],
+                   help="only list the GPU time of every kernel of this op's forward + backward, per shape")
     args = p.parse_args()
     specs = {s.name: s for s in SPECS}
     for name in list(chunk._ops) + list(chunk_delta._ops):
         install(name, jit_runner(specs[name]))
     kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
+    if args.breakdown:  # where the time goes, with the frozen configs
+        per_shape = [step_times(B, T, list(kernel_of.values()), op=args.breakdown) for B, T in SHAPES]
+        rows = ["| kernel | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " |", "|---|" + "---|" * len(SHAPES)]
+        for kernel in sorted(kernel_of.values(), key=lambda k: -sum(t[k] for t in per_shape)):
+            if any(t[kernel] for t in per_shape):
+                rows.append(f"| {kernel} | " + " | ".join(f"{t[kernel]:.3f}" for t in per_shape) + " |")
+        rows.append("| all | " + " | ".join(f"{sum(t.values()):.3f}" for t in per_shape) + " |")
+        print("\n".join(rows))
+        return
     rows = ["| kernel | config | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " | sum |",
             "|---|---|" + "---|" * (len(SHAPES) + 1)]
 
