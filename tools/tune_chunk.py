@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times launch configs of the chunk kernels (triton_src/chunk*.py) on the GPU, through Triton's JIT.
 
-    python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--quick]
+    python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--kernels chunk_gla_scan,...] [--no-split]
     python tools/tune_chunk.py --breakdown gla      # the GPU time of each kernel, frozen configs
 
 Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
