@@ -216,6 +216,18 @@ def test_short_convolution_is_a_causal_depthwise_conv(activation, bias):
     y1, s1 = conv(x[1:, :3], output_final_state=True)
     assert rel(y_var, torch.cat([y0, y1], 1)) < 1e-6 and torch.equal(state_var, torch.cat([s0, s1]))
     assert torch.count_nonzero(s1[..., 0]) == 0  # a 3-token sequence: the oldest slot is still zero
+    # varlen continuing from cached states, with an empty sequence (keeps its state) and a one-token one
+    lengths = [5, 0, 1, 2]
+    cache = torch.randn(4, 8, 4)
+    packed = torch.randn(1, sum(lengths), 8)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    y_var, state_var = conv(packed, cache=cache, output_final_state=True, cu_seqlens=cu)
+    for n, (b, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if e == b:
+            assert torch.equal(state_var[n], cache[n])
+            continue
+        y_n, s_n = conv(packed[:, b:e], cache=cache[n:n + 1], output_final_state=True)
+        assert rel(y_var[:, b:e], y_n) < 1e-6 and torch.equal(state_var[n:n + 1], s_n)
 
 
 def test_norms_match_their_formulas():

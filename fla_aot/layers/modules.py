@@ -151,19 +151,40 @@ class ShortConvolution(nn.Conv1d):
         if cu_seqlens is None:
             y, state = self._conv(x, cache)
         else:
-            bounds = (cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.cpu()).tolist()
-            ys, states = [], []
-            for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-                c = None if cache is None else cache[n:n + 1]
-                if end > start:
-                    y_n, s_n = self._conv(x[:, start:end], c)
-                    ys.append(y_n)
-                else:  # an empty sequence keeps its state
-                    s_n = c if c is not None else x.new_zeros(1, self.hidden_size, self.kernel_size[0])
-                states.append(s_n.to(x.dtype))
-            y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)
-            state = torch.cat(states, dim=0)
+            y, state = self._conv_varlen(x, cache, cu_seqlens)
         return y, (state.contiguous() if output_final_state else None)
+
+    def _conv_varlen(self, x: torch.Tensor, cache: torch.Tensor | None, cu_seqlens: torch.Tensor):
+        """Sequences packed along T (x [1, T, D], cu_seqlens [N+1]), each convolved alone in one batched pass: tap j
+        of token t reads x[t - (W-1) + j] while that is inside t's sequence, else the sequence's cached inputs (or
+        zeros). Returns (y [1, T, D], state [N, D, W]: each sequence's last W inputs, the cache's for those before
+        its start)."""
+        T, D, W = x.shape[1], self.hidden_size, self.kernel_size[0]
+        cu = cu_seqlens.to(x.device, torch.long)
+        N = cu.numel() - 1
+        xs = x[0]
+        past = x.new_zeros(N, D, W) if cache is None else cache.to(x.dtype)
+
+        def taps(seq, bos, src):
+            """x at positions src [..] of sequences seq [..] that start at bos [..]: [.., D]."""
+            inside = (src >= bos).unsqueeze(-1)
+            mine = xs[src.clamp(0, max(T - 1, 0))] if T else xs.new_zeros(*src.shape, D)
+            cached = past[seq, :, (src - bos + W).clamp(0, W - 1)]
+            return torch.where(inside, mine, cached)
+
+        t = torch.arange(T, device=x.device)
+        seq = torch.searchsorted(cu[1:], t, right=True)  # the sequence of each token
+        bos = cu[seq]
+        w = self.weight[:, 0].float()  # [D, W]
+        y = sum(taps(seq, bos, t - (W - 1) + j).float() * w[:, j] for j in range(W))
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if self.activation is not None:
+            y = F.silu(y)
+        n = torch.arange(N, device=x.device)
+        last = cu[1:, None] - W + torch.arange(W, device=x.device)  # [N, W]: each sequence's last W positions
+        state = taps(n[:, None].expand(N, W), cu[:-1, None], last).transpose(1, 2)  # [N, D, W]
+        return y.to(x.dtype).unsqueeze(0), state
 
 
 class GatedMLP(nn.Module):
