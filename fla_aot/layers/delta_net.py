@@ -1,7 +1,6 @@
 """DeltaNet on fla_aot's delta-rule ops; fla's constructor and parameter names."""
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -9,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fla_aot.ops as ops
-from fla_aot.layers.mixer import TokenMixer, check_mode, heads
+from fla_aot.layers.mixer import TokenMixer, check_mode, heads, projection_dims
 from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, activation
 
 
@@ -43,12 +42,7 @@ class DeltaNet(TokenMixer):
         self.use_gate, self.use_short_conv = use_gate, use_short_conv
         self.conv_size, self.conv_bias = conv_size, conv_bias
         self.allow_neg_eigval = allow_neg_eigval
-        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
-        if not (math.isclose(key_dim, self.key_dim) and math.isclose(value_dim, self.value_dim)):
-            raise ValueError("hidden_size * expand_k and hidden_size * expand_v must be integers")
-        if self.key_dim % num_heads or self.value_dim % num_heads:
-            raise ValueError(f"key and value dims must be divisible by num_heads={num_heads}")
+        self.key_dim, self.value_dim = projection_dims(hidden_size, expand_k, expand_v, num_heads)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.layer_idx = layer_idx
 

@@ -82,11 +82,12 @@ class GatedDeltaNet(TokenMixer):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = heads(q, self.head_k_dim), heads(k, self.head_k_dim), heads(v, self.head_v_dim)
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = self.b_proj(x)
 
         op = delta_rule_op(step, q, 'gated_delta_rule')
-        o, state = op(q, k, v, g=g, beta=beta, initial_state=step.recurrent_state,
+        # the op turns the raw gate into g = -exp(A_log) * softplus(a_proj(x) + dt_bias)
+        o, state = op(q, k, v, g=self.a_proj(x), beta=beta, use_gate_in_kernel=True, A_log=self.A_log,
+                      dt_bias=self.dt_bias, initial_state=step.recurrent_state,
                       output_final_state=step.use_cache, use_qk_l2norm_in_kernel=True,
                       use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval, state_v_first=True,
                       **step.varlen)

@@ -1,14 +1,12 @@
 """GatedLinearAttention on fla_aot's GLA ops; fla's constructor and parameter names."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fla_aot.ops as ops
-from fla_aot.layers.mixer import TokenMixer, check_mode, heads
+from fla_aot.layers.mixer import TokenMixer, check_mode, heads, kv_groups, projection_dims
 from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, activation
 
 
@@ -27,19 +25,11 @@ class GatedLinearAttention(TokenMixer):
         check_mode("GatedLinearAttention", mode, ('chunk', 'fused_recurrent', 'fused_chunk'))
         self.mode, self.hidden_size, self.expand_k, self.expand_v = mode, hidden_size, expand_k, expand_v
         self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
-        if num_heads % self.num_kv_heads:
-            raise ValueError("num_heads must be divisible by num_kv_heads")
-        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.num_kv_heads, self.num_kv_groups = kv_groups(num_heads, num_kv_heads)
         self.feature_map_fn = activation(feature_map, "feature_map")
         self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
         self.use_output_gate = use_output_gate
-        key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
-        self.key_dim, self.value_dim = round(key_dim), round(value_dim)
-        if not (math.isclose(key_dim, self.key_dim) and math.isclose(value_dim, self.value_dim)):
-            raise ValueError("hidden_size * expand_k and hidden_size * expand_v must be integers")
-        if self.key_dim % num_heads or self.value_dim % num_heads:
-            raise ValueError(f"key and value dims must be divisible by num_heads={num_heads}")
+        self.key_dim, self.value_dim = projection_dims(hidden_size, expand_k, expand_v, num_heads)
         self.key_dim_per_group = self.key_dim // self.num_kv_groups
         self.value_dim_per_group = self.value_dim // self.num_kv_groups
         self.clamp_min, self.layer_idx = clamp_min, layer_idx

@@ -1,6 +1,8 @@
 """What the four token mixers share: padding, short convolutions, the cache and the op choice."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -108,6 +110,26 @@ def heads(x: torch.Tensor, dim: int, groups: int = 1) -> torch.Tensor:
     """[..., (h d)] -> [..., h * groups, d], each head repeated `groups` times in a row (fla's GQA)."""
     x = x.unflatten(-1, (-1, dim))
     return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
+
+
+def kv_groups(num_heads: int, num_kv_heads: int | None):
+    """fla's GQA: (num_kv_heads, query heads per key/value head); num_kv_heads defaults to num_heads."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_heads % num_kv_heads:
+        raise ValueError("num_heads must be divisible by num_kv_heads")
+    return num_kv_heads, num_heads // num_kv_heads
+
+
+def projection_dims(hidden_size: int, expand_k: float, expand_v: float, num_heads: int):
+    """fla's projection widths (key_dim, value_dim) = hidden_size * (expand_k, expand_v), whole numbers divisible by
+    num_heads."""
+    key_dim, value_dim = hidden_size * expand_k, hidden_size * expand_v
+    dims = round(key_dim), round(value_dim)
+    if not (math.isclose(key_dim, dims[0]) and math.isclose(value_dim, dims[1])):
+        raise ValueError("hidden_size * expand_k and hidden_size * expand_v must be integers")
+    if dims[0] % num_heads or dims[1] % num_heads:
+        raise ValueError(f"key and value dims must be divisible by num_heads={num_heads}")
+    return dims
 
 
 def check_mode(layer: str, mode: str, allowed):
