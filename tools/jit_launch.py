@@ -3,6 +3,7 @@ manifest: the tuning tools swap these in for the manifest ops to time candidate 
 import math
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from fla_aot._manifest_rules import DTYPES, check_args, output_shapes, pick_variant
 from tools.kernel_spec import DTYPE_CODES
@@ -44,3 +45,18 @@ def jit_runner(spec, override=None, when=None):
         spec.kernel[tuple(grid)](**params, **constexprs, **options)
         return tuple(outs)
     return run
+
+
+def kernel_times_ms(step, kernel_names, steps=3):
+    """GPU time per call of `step` (after one warm-up call) of each named kernel, summed over its launches, from
+    torch.profiler: ms by name."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals = {}
+    for ev in prof.key_averages():
+        totals[ev.key] = totals.get(ev.key, 0.0) + ev.device_time_total
+    return {n: totals.get(n, 0.0) / steps / 1e3 for n in kernel_names}

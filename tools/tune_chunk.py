@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
-from tools.jit_launch import jit_runner  # noqa: E402
+from tools.jit_launch import jit_runner, kernel_times_ms  # noqa: E402
 from triton_src import chunk as chunk_src, chunk_delta as chunk_delta_src, chunk_gla as chunk_gla_src  # noqa: E402
 
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
@@ -97,16 +96,7 @@ def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
         else:
             o, _ = (ops.chunk_gla if op == "gla" else ops.chunk_simple_gla)(*leaves[:4])
         torch.autograd.grad(o, leaves if op == "delta" else leaves[:4], do)
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    totals = {}
-    for ev in prof.key_averages():
-        totals[ev.key] = totals.get(ev.key, 0.0) + ev.device_time_total
-    return {n: totals.get(n, 0.0) / steps / 1e3 for n in kernel_names}  # ms per step
+    return kernel_times_ms(step, kernel_names, steps)
 
 
 def main():

@@ -30,10 +30,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.kernel_spec import DTYPE_CODES  # noqa: E402
+from tools.tune_fused_recurrent import CODE, graph_time_us, make_set  # noqa: E402
+from tools.tune_fused_recurrent import launch as frozen_launch  # noqa: E402
 from triton_src.fused_recurrent import _decay, _load_f32  # noqa: E402
-
-CODE = {torch.float32: DTYPE_CODES["float32"], torch.bfloat16: DTYPE_CODES["bfloat16"]}
 
 
 @triton.jit
@@ -93,19 +92,6 @@ def persistent_fwd_kernel(q, k, v, g, gk, beta, h0, o, ht, g_dtype, gk_dtype, be
                  mask=mask_k[:, None] & mask_v[None, :], cache_modifier=".cs")
 
 
-def make_set(B, T, H, K, V, delta, device):
-    d = dict(device=device)
-    s = dict(q=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d), k=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d),
-             v=torch.randn(B, T, H, V, dtype=torch.bfloat16, **d), h0=torch.randn(B, H, K, V, **d),
-             o=torch.empty(B, T, H, V, dtype=torch.bfloat16, **d), ht=torch.empty(B, H, K, V, **d))
-    if delta:
-        s["g"] = -torch.rand(B, T, H, **d)
-        s["beta"] = torch.rand(B, T, H, dtype=torch.bfloat16, **d)
-    else:
-        s["gk"] = -torch.rand(B, T, H, K, **d)
-    return s
-
-
 def launch(s, programs, BV, num_warps, prefetch, delta):
     B, T, H, K = s["q"].shape
     V = s["v"].shape[-1]
@@ -149,19 +135,16 @@ def main():
     args = p.parse_args()
     if args.check:
         return check()
-    from tools.tune_fused_recurrent import graph_time_us
-    from tools.tune_fused_recurrent import launch as frozen_launch
-    from tools.tune_fused_recurrent import make_set as frozen_set
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = ["| op | B | K=V | kernel | programs / SM | BV | warps | prefetch | µs per call |",
             "|---|---|---|---|---|---|---|---|---|"]
     cases = [(True, 32, 128)] if args.quick else itertools.product([True, False], [1, 32], [128])
     for delta, B, K in cases:
         H, name = 16, "gated_delta_rule" if delta else "gla"
-        frozen = [frozen_set(B, 1, H, K, K, delta) for _ in range(4)]
+        frozen = [make_set(B, 1, H, K, K, delta) for _ in range(4)]
         us = graph_time_us(lambda: [frozen_launch(x, B, 1, H, K, K, 32, 1, delta) for x in frozen]) / 4
         rows.append(f"| {name} | {B} | {K} | frozen | - | 32 | 1 | - | {us:.2f} |")
-        sets = [make_set(B, 1, H, K, K, delta, "cuda") for _ in range(4)]
+        sets = [make_set(B, 1, H, K, K, delta) for _ in range(4)]
         results = []
         # one warp spills here whatever BV (the compiler's report on sm_90), unlike the frozen kernel's one warp
         grid = (([2, 4, 8], [16, 32], [2, 4], [True, False]) if args.quick else

@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.flash_attn as flash_attn  # noqa: E402
-from tools.jit_launch import jit_runner  # noqa: E402
+from tools.jit_launch import jit_runner, kernel_times_ms  # noqa: E402
 from triton_src import flash_attn as flash_attn_src  # noqa: E402
 
 HIDDEN, TOKENS = 2048, 32768
@@ -52,16 +51,7 @@ def step_times(T, D, causal, kernel_names, steps=3):
 
     def step():
         torch.autograd.grad(ops.flash_attn_func(*leaves, causal=causal), leaves, do)
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    totals = {}
-    for ev in prof.key_averages():
-        totals[ev.key] = totals.get(ev.key, 0.0) + ev.device_time_total
-    return {n: totals.get(n, 0.0) / steps / 1e3 for n in kernel_names}
+    return kernel_times_ms(step, kernel_names, steps)
 
 
 def main():

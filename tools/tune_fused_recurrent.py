@@ -23,8 +23,8 @@ from triton_src.fused_recurrent import fused_recurrent_fwd_kernel  # noqa: E402
 CODE = {torch.float32: DTYPE_CODES["float32"], torch.bfloat16: DTYPE_CODES["bfloat16"]}
 
 
-def make_set(B, T, H, K, V, delta):
-    d = dict(device="cuda")
+def make_set(B, T, H, K, V, delta, device="cuda"):
+    d = dict(device=device)
     s = dict(q=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d), k=torch.randn(B, T, H, K, dtype=torch.bfloat16, **d),
              v=torch.randn(B, T, H, V, dtype=torch.bfloat16, **d), h0=torch.randn(B, H, K, V, **d),
              o=torch.empty(B, T, H, V, dtype=torch.bfloat16, **d), ht=torch.empty(B, H, K, V, **d))
