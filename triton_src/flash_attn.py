@@ -135,16 +135,41 @@ def _key_range(m0, len_q, len_k, shift, BM: tl.constexpr, BN: tl.constexpr, CAUS
 
 
 @triton.jit
+def _query_tile(MQ, H, HK, BM: tl.constexpr):
+    """(query tile, sequence, head, key/value head) of this program; the tiles with the longest causal rows first."""
+    n_m = tl.cdiv(MQ, BM)
+    pid = tl.program_id(0)
+    i_bh = pid // n_m
+    i_h = i_bh % H
+    return n_m - 1 - pid % n_m, i_bh // H, i_h, i_h // (H // HK)
+
+
+@triton.jit
+def _kv_tile(bos_k, i_hk, HK, BN: tl.constexpr, BD: tl.constexpr):
+    """Where a key/value tile lies: (the 64-bit offset of the head's first row, the tile's int32 offsets [BN, BD],
+    the 64-bit row stride; T * HK * D may pass 2^31). Loops rebuild each tile's pointers from these: carried
+    through a loop, [BN, BD] tensors of 64-bit pointers would spill the registers."""
+    kv_base = (bos_k.to(tl.int64) * HK + i_hk) * BD
+    kv_off = tl.arange(0, BN)[:, None] * (HK * BD) + tl.arange(0, BD)[None, :]
+    return kv_base, kv_off, tl.cast(HK, tl.int64) * BD
+
+
+@triton.jit
+def _dropout_key(seed_ptr, DROPOUT: tl.constexpr):
+    """(Philox key, counter offset) from the op's seed tensor; zeros without dropout."""
+    seed = 0
+    rng_off = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+        rng_off = tl.load(seed_ptr + 1).to(tl.int32)
+    return seed, rng_off
+
+
+@triton.jit
 def _fwd_body(q, k, v, q2, k2, cu_q, cu_k, seed_ptr, o, lse, cu_code, sm_scale, dropout_p, dist, TQ, TK, H, HK, MQ,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
               PIECEWISE: tl.constexpr):
-    n_m = tl.cdiv(MQ, BM)
-    pid = tl.program_id(0)
-    i_m = n_m - 1 - pid % n_m  # the longest causal rows first
-    i_bh = pid // n_m
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HK)
+    i_m, i_b, i_h, i_hk = _query_tile(MQ, H, HK, BM)
     bos_q, len_q, bos_k, len_k, lse0 = _seq(cu_q, cu_k, cu_code, i_b, TQ, TK, H)
     m0 = i_m * BM
     if m0 >= len_q:
@@ -161,16 +186,8 @@ def _fwd_body(q, k, v, q2, k2, cu_q, cu_k, seed_ptr, o, lse, cu_code, sm_scale, 
         qt2 = tl.load(q2 + q_off, mask=mask_m, other=0.)
     else:
         qt2 = qt
-    # Tile pointers are rebuilt each step from a scalar base and loop-invariant int32 offsets: carried through
-    # the loop, three [BN, BD] tensors of 64-bit pointers would spill the registers.
-    kv_base = (bos_k.to(tl.int64) * HK + i_hk) * BD
-    kv_off = offs_n[:, None] * (HK * BD) + offs_d[None, :]
-    kv_stride = tl.cast(HK, tl.int64) * BD  # 64-bit offsets: T * HK * D may pass 2^31
-    seed = 0
-    rng_off = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        rng_off = tl.load(seed_ptr + 1).to(tl.int32)
+    kv_base, kv_off, kv_stride = _kv_tile(bos_k, i_hk, HK, BN, BD)
+    seed, rng_off = _dropout_key(seed_ptr, DROPOUT)
     seq_head = i_b * H + i_h
 
     acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -339,11 +356,7 @@ def _dkdv_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dk, dk2, d
         k2t = tl.load(k2 + kv_off, mask=mask_n, other=0.)
     else:
         k2t = kt
-    seed = 0
-    rng_off = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        rng_off = tl.load(seed_ptr + 1).to(tl.int32)
+    seed, rng_off = _dropout_key(seed_ptr, DROPOUT)
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     if PIECEWISE:
         b_dk2 = tl.zeros([BN, BD], dtype=tl.float32)
@@ -437,13 +450,7 @@ def _dq_tile(dq, dq2, q, q2, do, lse, delta, kp, k2p, vp, rows, cols, len_k, shi
 def _dq_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dq, dq2, cu_code, sm_scale, dropout_p, dist,
              TQ, TK, H, HK, MQ, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CAUSAL: tl.constexpr,
              DROPOUT: tl.constexpr, PIECEWISE: tl.constexpr):
-    n_m = tl.cdiv(MQ, BM)
-    pid = tl.program_id(0)
-    i_m = n_m - 1 - pid % n_m
-    i_bh = pid // n_m
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HK)
+    i_m, i_b, i_h, i_hk = _query_tile(MQ, H, HK, BM)
     bos_q, len_q, bos_k, len_k, lse0 = _seq(cu_q, cu_k, cu_code, i_b, TQ, TK, H)
     m0 = i_m * BM
     if m0 >= len_q:
@@ -464,14 +471,8 @@ def _dq_body(q, k, v, q2, k2, do, lse, delta, cu_q, cu_k, seed_ptr, dq, dq2, cu_
     b_lse = tl.load(lse + lse0 + i_h * TQ + rows, mask=mrow, other=0.)
     b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * 1.4426950408889634
     b_delta = tl.load(delta + lse0 + i_h * TQ + rows, mask=mrow, other=0.)
-    kv_base = (bos_k.to(tl.int64) * HK + i_hk) * BD
-    kv_off = offs_n[:, None] * (HK * BD) + offs_d[None, :]  # per-step pointers, as in _fwd_body
-    kv_stride = tl.cast(HK, tl.int64) * BD
-    seed = 0
-    rng_off = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-        rng_off = tl.load(seed_ptr + 1).to(tl.int32)
+    kv_base, kv_off, kv_stride = _kv_tile(bos_k, i_hk, HK, BN, BD)
+    seed, rng_off = _dropout_key(seed_ptr, DROPOUT)
     seq_head = i_b * H + i_h
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     if PIECEWISE:
