@@ -36,6 +36,9 @@ def _reference(q, k, v, do, **kw):
 
 def _check(got, want, tol, what):
     assert torch.isfinite(got).all(), f"{what}: non-finite (unwritten) elements"
+    if want.abs().max() < 1e-6:  # exactly zero in exact math (dq with a single key): only rounding noise may remain
+        assert got.abs().max() < 1e-3, f"{what}: expected zeros, max |got| {got.abs().max():.2e}"
+        return
     err = rel_err(got, want)
     assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
 

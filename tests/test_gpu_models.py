@@ -73,9 +73,22 @@ def test_left_padded_logits_match_fla(case):
 def test_greedy_generation_matches_fla(case):
     fla_model, ours = pair(case)
     x = ids(2, 24, 3)
-    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
     want, got = fla_model.generate(x, **kw), ours.generate(x, **kw)
-    assert torch.equal(got[:, :24 + 4], want[:, :24 + 4])  # the first 4 steps at least; bf16 may tie later
+    assert len(got.logits) == len(want.logits) == 6
+    # Each step's logits agree while both have generated the same tokens (the decode path through the cache).
+    # Where the tokens part, bf16 may break a near-tie either way: our pick must then be within twice the
+    # logits' largest difference of fla's (no more than rounding can explain), and the comparison stops.
+    for step, (theirs, mine) in enumerate(zip(want.logits, got.logits)):
+        theirs, mine = theirs.float(), mine.float()
+        assert rel(mine, theirs) < 2e-2, f"step {step}"
+        t_fla, t_ours = want.sequences[:, 24 + step], got.sequences[:, 24 + step]
+        if not torch.equal(t_fla, t_ours):
+            for row in (t_fla != t_ours).nonzero().flatten().tolist():
+                margin = theirs[row, t_fla[row]] - theirs[row, t_ours[row]]
+                assert margin <= 2 * (mine[row] - theirs[row]).abs().max(), f"step {step}, row {row}"
+            break
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
