@@ -196,3 +196,33 @@ def test_kernel_too_large_for_the_arch_fails_loudly(tmp_path):
     assert "tests.oversized_family.huge_matmul[A16] sm_90" in res.stderr.strip().splitlines()[-1]
     assert "huge_matmul[A16] needs" in res.stderr and "sm_90 allows 232448" in res.stderr
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_cache_moves_between_machines(tmp_path):
+    """--export-cache packs the entries a build used; a fresh output folder that imports them compiles nothing and
+    writes the same cubins."""
+    archive = tmp_path / "cache.tar.xz"
+    first, fresh = tmp_path / "first", tmp_path / "fresh"
+    res, _ = run_tool("--arch", "90", "--out", first, "--families", "tests.shared_memory_family", "--jobs", 1,
+                      "--export-cache", archive, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    total, _, compiling = counts(res.stderr)
+    assert archive.exists() and total >= 1 and compiling == total
+    res, _ = run_tool("--arch", "90", "--out", fresh, "--families", "tests.shared_memory_family", "--jobs", 1,
+                      "--import-cache", archive, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert counts(res.stderr) == (total, total, 0)
+    for cubin in (first / "sm_90").glob("*.cubin"):
+        assert (fresh / "sm_90" / cubin.name).read_bytes() == cubin.read_bytes()
+
+
+def test_import_cache_refuses_other_archives(tmp_path):
+    import tarfile
+
+    archive = tmp_path / "not_a_cache.tar.xz"
+    (tmp_path / "notes.txt").write_text("hello")
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    res, _ = run_tool("--arch", "90", "--out", tmp_path / "out", "--families", "tests.shared_memory_family",
+                      "--import-cache", archive, timeout=300)
+    assert res.returncode != 0 and "is not a kernel cache (it holds 'notes.txt')" in res.stderr

@@ -7,6 +7,11 @@ Writes <out>/sm_<arch>/<op>.<variant>.cubin and <out>/manifest.json (op schemas,
 kernel parameter bindings and, per arch, each variant's guards, grid and launch metadata). Compiled
 variants are cached in <out>/cache keyed on the family's source (and the triton_src modules it imports), the
 Triton version, the arch and the variant, so a rerun with nothing changed takes seconds. Exits non-zero naming the kernel that failed.
+
+The cache moves between machines with the same pinned Triton: `--export-cache FILE.tar.xz` packs the entries this
+build used, `--import-cache FILE.tar.xz` unpacks them before compiling (entries whose sources changed since are
+simply not found and compile again). A GPU machine that builds the package can so start from cubins compiled
+elsewhere: tools/gpu_session.sh imports `.kernel_cache/sm_<arch>.tar.xz` when it is present.
 """
 import argparse
 import concurrent.futures as cf
@@ -17,6 +22,7 @@ import os
 import re
 import shutil
 import sys
+import tarfile
 import time
 import traceback
 from pathlib import Path
@@ -135,6 +141,28 @@ def _prune_cache(cache_dir, archs, keep):
             (cache_dir / f"{key}.cubin").unlink(missing_ok=True)
 
 
+def _import_cache(archive, cache_dir):
+    """Unpacks cache entries (<key>.json + <key>.cubin, nothing else) into cache_dir; returns how many."""
+    n = 0
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if not (member.isfile() and re.fullmatch(r"[0-9a-f]{32}\.(json|cubin)", name)):
+                raise SystemExit(f"compile_kernels: {archive} is not a kernel cache (it holds {name!r})")
+            (cache_dir / name).write_bytes(tar.extractfile(member).read())
+            n += name.endswith(".json")
+    return n
+
+
+def _export_cache(archive, cache_dir, keys):
+    archive = Path(archive)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:xz") as tar:
+        for key in sorted(keys):
+            for ext in ("json", "cubin"):
+                tar.add(cache_dir / f"{key}.{ext}", arcname=f"{key}.{ext}")
+
+
 def _progress(done, total, failed, start):
     if not sys.stderr.isatty() and done not in (total, 1) and done % max(1, total // 10):
         return  # in logs, about ten lines rather than one per variant
@@ -154,6 +182,8 @@ def main(argv=None):
                    help="comma-separated families of triton_src, or dotted module paths (default: all of triton_src)")
     p.add_argument("--allow-other-triton", action="store_true",
                    help=f"compile with a Triton other than the pinned {TRITON_VERSION} (for experiments only)")
+    p.add_argument("--import-cache", metavar="FILE", help="unpack cache entries from a --export-cache archive first")
+    p.add_argument("--export-cache", metavar="FILE", help="pack this build's cache entries into FILE (.tar.xz)")
     args = p.parse_args(argv)
 
     import triton
@@ -167,6 +197,9 @@ def main(argv=None):
     out = Path(args.out)
     cache_dir = out / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.import_cache:
+        print(f"compile_kernels: {_import_cache(args.import_cache, cache_dir)} cached variants imported from "
+              f"{args.import_cache}", file=sys.stderr)
 
     manifest = {"manifest_version": MANIFEST_VERSION, "triton_version": triton.__version__,
                 "archs": [f"sm_{a}" for a in archs], "ops": {}}
@@ -219,7 +252,11 @@ def main(argv=None):
         shutil.copyfile(cache_dir / f"{key}.cubin", out / ventry["cubin"])
         del ventry["signature"], ventry["options"], ventry["attrs"]
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _prune_cache(cache_dir, archs, {ventry["cache_key"] for _, ventry in jobs})
+    used = {ventry["cache_key"] for _, ventry in jobs}
+    _prune_cache(cache_dir, archs, used)
+    if args.export_cache:
+        _export_cache(args.export_cache, cache_dir, used)
+        print(f"compile_kernels: packed {len(used)} cached variants into {args.export_cache}", file=sys.stderr)
     print(f"compile_kernels: wrote {len(jobs)} cubins and {out / 'manifest.json'} in {time.time() - start:.1f}s",
           file=sys.stderr)
 

@@ -7,6 +7,8 @@
 # Steps: build (pip install -e ., kernels for this GPU only); tests [pytest args] (the GPU tests, -m gpu; default: all of tests/);
 # bench <script> [args] (benchmarks/<script>, results under $OUT/benchmarks unless args name another --out); any other word runs as a shell command.
 # Wheels under .whl/ (fla-core, to compare against) are installed into /tmp/site first, when present.
+# Carry .kernel_cache/ made here by `python tools/compile_kernels.py --arch 90 --export-cache .kernel_cache/sm_90.tar.xz`
+# and the build step starts from those cubins instead of compiling every kernel on the GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
@@ -25,6 +27,10 @@ for step in "$@"; do
     case "$verb" in
         build)
             arch=$(python3 -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
+            if [ -f ".kernel_cache/sm_$arch.tar.xz" ]; then  # cubins compiled elsewhere: only what changed compiles here
+                python3 tools/compile_kernels.py --arch "$arch" --import-cache ".kernel_cache/sm_$arch.tar.xz" \
+                    > "$OUT/compile_kernels.log" 2>&1
+            fi
             FLA_AOT_ARCHS=$arch python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 ;;
         tests)
             python3 -m pytest -m gpu -q -rf --durations=15 -p no:cacheprovider ${rest:-tests} 2>&1 | tee "$OUT/tests_$i.log" | tail -n 40 ;;
