@@ -155,6 +155,56 @@ def test_prefill_then_decode_equals_full_forward(case):
     assert rel(torch.cat(outs, 1), full) < 1e-5
 
 
+# the op fla's layer of the same name runs for (T, autograd on): the recurrent form up to 64 tokens, RetNet and
+# Gated DeltaNet the chunk form whenever autograd is on (decoding aside)
+FORM_CASES = {"retnet": "retention", "gla": "gla", "delta_net": "delta_rule", "gated_deltanet": "gated_delta_rule"}
+CHUNK_UNDER_GRAD = {"retnet", "gated_deltanet"}
+
+
+def _spy_forms(monkeypatch):
+    import fla_aot.ops as ops
+
+    called = []
+    for name in FORM_CASES.values():
+        for form in ("chunk", "fused_recurrent"):
+            op = getattr(ops, f"{form}_{name}")
+            monkeypatch.setattr(ops, f"{form}_{name}",
+                                lambda *a, _op=op, _form=form, **kw: called.append(_form) or _op(*a, **kw))
+    return called
+
+
+@pytest.mark.parametrize("case", sorted(FORM_CASES))
+def test_form_is_chosen_as_fla_chooses(case, monkeypatch):
+    layer = make(case)
+    called = _spy_forms(monkeypatch)
+    for T, grad, want in ((1, False, "fused_recurrent"), (64, False, "fused_recurrent"), (65, False, "chunk"),
+                          (1, True, "fused_recurrent"), (10, True, "chunk" if case in CHUNK_UNDER_GRAD
+                                                          else "fused_recurrent"), (80, True, "chunk")):
+        called.clear()
+        with torch.set_grad_enabled(grad):
+            layer(torch.randn(1, T, 64))
+        assert called == [want], (T, grad)
+    layer.mode = "fused_recurrent"
+    called.clear()
+    with torch.no_grad():
+        layer(torch.randn(1, 80, 64))
+    assert called == ["fused_recurrent"]
+
+
+@pytest.mark.parametrize("case", sorted(FORM_CASES))
+def test_chunk_and_recurrent_forms_agree(case):
+    """Past 64 tokens the chunk form runs; the layer with mode='fused_recurrent' gives the same output and
+    final state."""
+    layer = make(case)
+    x = torch.randn(2, 90, 64)
+    with torch.no_grad():
+        chunk, _, cache_c = layer(x, past_key_values=Cache(), use_cache=True)
+        layer.mode = "fused_recurrent"
+        recurrent, _, cache_r = layer(x, past_key_values=Cache(), use_cache=True)
+    assert rel(chunk, recurrent) < 1e-5
+    assert rel(cache_c[0]["recurrent_state"], cache_r[0]["recurrent_state"]) < 1e-5
+
+
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_left_padding_equals_each_sequence_alone(case):
     layer = make(case)

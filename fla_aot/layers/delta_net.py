@@ -12,17 +12,18 @@ from fla_aot.layers.mixer import TokenMixer, check_mode, heads, projection_dims
 from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution, activation
 
 
-def delta_rule_op(step, q, name):
-    """'chunk' or 'fused_recurrent' for this step: decoding runs the recurrent form, and so does a float32
-    prefill on CUDA (the compiled chunk delta rules take fp16/bf16 only; both compute the same recurrence)."""
-    if step.decoding or step.mixer.mode == 'fused_recurrent' or (q.is_cuda and q.dtype == torch.float32):
+def delta_rule_op(step, q, name, **rule):
+    """The chunk or the fused_recurrent op for this step (Step.recurrent, with the layer's rule); a float32 input
+    on CUDA always takes the recurrent form (the compiled chunk delta rules take fp16/bf16 only; both compute
+    the same recurrence)."""
+    if step.recurrent(**rule) or (q.is_cuda and q.dtype == torch.float32):
         return getattr(ops, 'fused_recurrent_' + name)
     return getattr(ops, 'chunk_' + name)
 
 
 class DeltaNet(TokenMixer):
     """DeltaNet: S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1}) with SiLU short convolutions and
-    L2-normalised q, k. Prefill runs `chunk_delta_rule`, decoding (T == 1) `fused_recurrent_delta_rule`."""
+    L2-normalised q, k. Long inputs run `chunk_delta_rule`, decoding and short ones `fused_recurrent_delta_rule`."""
 
     def __init__(self, mode: str = 'chunk', d_model: int = None, hidden_size: int = 1024, expand_k: float = 1.0,
                  expand_v: float = 1.0, num_heads: int = 4, use_beta: bool = True, use_gate: bool = False,

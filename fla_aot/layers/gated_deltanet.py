@@ -16,8 +16,8 @@ from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 class GatedDeltaNet(TokenMixer):
     """Gated DeltaNet: S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S') with
     g = -exp(A_log) * softplus(a_proj(x) + dt_bias), beta = sigmoid(b_proj(x)), L2-normalised q, k and a
-    gated RMSNorm on the output; grouped value heads with num_v_heads > num_heads. Prefill runs
-    `chunk_gated_delta_rule`, decoding (T == 1) `fused_recurrent_gated_delta_rule`, state [N, HV, V, K]."""
+    gated RMSNorm on the output; grouped value heads with num_v_heads > num_heads. Long or differentiated
+    inputs run `chunk_gated_delta_rule`, decoding and short ones `fused_recurrent_gated_delta_rule`; state [N, HV, V, K]."""
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
                  num_v_heads: int = None, mode: str = 'chunk', use_gate: bool = True, use_short_conv: bool = True,
@@ -84,7 +84,7 @@ class GatedDeltaNet(TokenMixer):
         q, k, v = heads(q, self.head_k_dim), heads(k, self.head_k_dim), heads(v, self.head_v_dim)
         beta = self.b_proj(x)
 
-        op = delta_rule_op(step, q, 'gated_delta_rule')
+        op = delta_rule_op(step, q, 'gated_delta_rule', chunk_under_grad=True, eval_only=True)
         # the op turns the raw gate into g = -exp(A_log) * softplus(a_proj(x) + dt_bias)
         o, state = op(q, k, v, g=self.a_proj(x), beta=beta, use_gate_in_kernel=True, A_log=self.A_log,
                       dt_bias=self.dt_bias, initial_state=step.recurrent_state,

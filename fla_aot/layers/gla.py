@@ -12,8 +12,8 @@ from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution,
 
 class GatedLinearAttention(TokenMixer):
     """GLA: S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t with a low-rank per-key gate
-    gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer. Prefill runs `chunk_gla`, decoding (T == 1)
-    `fused_recurrent_gla`; the state is kept [N, H, V, K] (state_v_first) like fla's."""
+    gk = logsigmoid(gk_proj(x)) / gate_logit_normalizer. Long inputs run `chunk_gla`, decoding and short
+    inputs `fused_recurrent_gla` (as fla's layer); the state is kept [N, H, V, K] (state_v_first) like fla's."""
 
     def __init__(self, mode: str = 'chunk', hidden_size: int = 1024, expand_k: float = 0.5, expand_v: float = 1.0,
                  num_heads: int = 4, num_kv_heads: int | None = None, feature_map: str | None = None,
@@ -73,7 +73,7 @@ class GatedLinearAttention(TokenMixer):
 
         common = dict(initial_state=step.recurrent_state, output_final_state=step.use_cache, state_v_first=True,
                       **step.varlen)
-        if step.decoding or self.mode == 'fused_recurrent':
+        if step.recurrent():
             o, state = ops.fused_recurrent_gla(q, k, v, gk=gk, **common)
         else:
             o, state = ops.chunk_gla(q, k, v, g=gk, **common)

@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from fla_aot.layers.utils import keep_rows, layer_cache, repad, unpad, unpad_data
 
+SHORT_INPUT = 64  # fla's layers run inputs of up to this many tokens through the fused_recurrent form
+
 
 class Step:
     """One forward's bookkeeping: the (possibly unpadded) input, varlen bounds and the layer's cache."""
@@ -34,6 +36,19 @@ class Step:
             self.cu_seqlens_cpu = self.cu_seqlens.cpu()
         self.hidden_states = hidden_states
         self.decoding = self.q_len == 1
+
+    def recurrent(self, chunk_under_grad: bool = False, eval_only: bool = False) -> bool:
+        """Whether this forward runs the fused_recurrent form, chosen as fla's layer of the same name chooses:
+        decoding and inputs up to SHORT_INPUT tokens run it (faster there than the chunk form), longer ones the
+        layer's mode. chunk_under_grad: with autograd on, fla's RetNet and Gated DeltaNet take the chunk form at
+        any length (decoding aside); eval_only: Gated DeltaNet takes the short-input rule in eval mode only."""
+        if self.decoding:
+            return True
+        if chunk_under_grad and torch.is_grad_enabled():
+            return False
+        if self.q_len <= SHORT_INPUT and not (eval_only and self.mixer.training):
+            return True
+        return self.mixer.mode == 'fused_recurrent'
 
     @property
     def varlen(self) -> dict:
@@ -135,5 +150,4 @@ def projection_dims(hidden_size: int, expand_k: float, expand_v: float, num_head
 def check_mode(layer: str, mode: str, allowed):
     if mode not in allowed:
         raise NotImplementedError(f"{layer}: mode={mode!r} is not supported by fla_aot.layers (choose from "
-                                  f"{list(allowed)}; prefill runs the chunk form and decoding the fused "
-                                  f"recurrent form either way)")
+                                  f"{list(allowed)})")

@@ -10,7 +10,7 @@ from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, RotaryEmbedding, 
 
 class MultiScaleRetention(TokenMixer):
     """Retention: S_t = gamma_h S_{t-1} + k_t^T v_t with gamma_h = 1 - 2^(-5-h), rotary q/k, a gated
-    RMSNorm on the output. Prefill runs `chunk_retention`, decoding (T == 1) `fused_recurrent_retention`."""
+    RMSNorm on the output. Long or differentiated inputs run `chunk_retention`, decoding and short inputs `fused_recurrent_retention`."""
 
     def __init__(self, mode: str = 'chunk', hidden_size: int = 1024, expand_k: float = 1.0, expand_v: float = 2.0,
                  num_heads: int = 8, num_kv_heads: int | None = None, feature_map: str | None = None,
@@ -65,7 +65,7 @@ class MultiScaleRetention(TokenMixer):
             k = k.repeat_interleave(self.num_kv_groups, dim=-2)
         v = heads(v, self.head_v_dim, self.num_kv_groups)
 
-        op = ops.fused_recurrent_retention if step.decoding or self.mode == 'fused_recurrent' else ops.chunk_retention
+        op = ops.fused_recurrent_retention if step.recurrent(chunk_under_grad=True) else ops.chunk_retention
         o, state = op(q, k, v, initial_state=step.recurrent_state, output_final_state=step.use_cache, **step.varlen)
         if self.use_output_gate:
             g = self.g_proj(x)
