@@ -147,7 +147,16 @@ def test_varlen_with_an_empty_sequence(causal, dropout_p):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal,TQ,TK,HK", [(False, 256, 256, 4), (True, 300, 300, 2), (True, 190, 320, 1)])
 def test_dropout_matches_the_reference_with_the_same_mask(dtype, causal, TQ, TK, HK):
-    B, H, D, p = 2, 4, 64, 0.3
+    _dropout_case(dtype, causal, TQ, TK, HK, D=64)
+
+
+@pytest.mark.parametrize("D", [16, 32, 128, 256])
+def test_dropout_at_every_head_dim_bucket(D):
+    _dropout_case(torch.bfloat16, True, 190, 320, 2, D)
+
+
+def _dropout_case(dtype, causal, TQ, TK, HK, D):
+    B, H, p = 2, 4, 0.3
     gen = torch.Generator(device=DEV).manual_seed(4)
     q, k, v = _rand(B, TQ, H, D, dtype=dtype, gen=gen), _rand(B, TK, HK, D, dtype=dtype, gen=gen), \
         _rand(B, TK, HK, D, dtype=dtype, gen=gen)
