@@ -303,7 +303,7 @@ def test_backward_kernel(op, case):
         assert rel_err(got, leaves[name].grad) < 1e-4, (name, rel_err(got, leaves[name].grad))
 
 
-def test_persistent_decode_experiment_matches_the_reference():
-    """tools/tune_decode_persistent.py's candidate kernel (several tiles a program, the next state prefetched)."""
-    from tools.tune_decode_persistent import check
+def test_decode_experiments_match_the_reference():
+    """tools/tune_decode.py: its two candidate decode kernels (persistent with prefetch; two passes over the state)."""
+    from tools.tune_decode import check
     check()
