@@ -186,7 +186,17 @@ def measure_kernel(ops, batch, n, repeats, bandwidth):
     o, final_state = outputs[0]
     nbytes = h.tensor_bytes(*input_sets[0].values(), o, final_state)
     floor_s = nbytes / bandwidth
-    return {"bytes": nbytes, "kernel_s": kernel_s, "floor_s": floor_s, "ratio": kernel_s / floor_s}
+    return {"bytes": nbytes, "kernel_s": kernel_s, "floor_s": floor_s, "ratio": kernel_s / floor_s,
+            "same_bytes_copy_s": same_bytes_copy_s(nbytes, n, repeats)}
+
+
+def same_bytes_copy_s(nbytes, n, repeats):
+    """For scale: one `copy_` that moves as many bytes as the step (nbytes / 2 read, nbytes / 2 written), timed
+    as the steps are (a graph of CALLS_PER_GRAPH copies, each between buffers of its own)."""
+    pairs = [(torch.rand(nbytes // 8, device="cuda"), torch.empty(nbytes // 8, device="cuda"))
+             for _ in range(CALLS_PER_GRAPH)]
+    graph, _ = h.capture_cuda_graph(lambda: [dst.copy_(src) for src, dst in pairs])
+    return h.event_time_per_call(graph.replay, max(1, n // CALLS_PER_GRAPH), repeats) / CALLS_PER_GRAPH
 
 
 # report --------------------------------------------------------------------------------------
@@ -235,10 +245,11 @@ def kernel_section(kernel):
     bandwidth = kernel["copy_bandwidth_Bps"]
     table = h.markdown_table(
         ["library", "B", "bytes moved (MB)", "floor (µs)", "kernel (µs)", "kernel / floor",
-         "effective bandwidth (GB/s)"],
+         "effective bandwidth (GB/s)", "copy of as many bytes (µs)"],
         [[r["library"], r["batch"], h.fmt(r.get("bytes"), 1e-6, 3), h.fmt(r.get("floor_s"), 1e6, 2),
           h.fmt(r.get("kernel_s"), 1e6, 2), h.fmt(r.get("ratio"), 1, 2),
-          h.fmt(r["bytes"] / r["kernel_s"] if r.get("kernel_s") else None, 1e-9, 0)]
+          h.fmt(r["bytes"] / r["kernel_s"] if r.get("kernel_s") else None, 1e-9, 0),
+          h.fmt(r.get("same_bytes_copy_s"), 1e6, 2)]
          for r in kernel["rows"]])
     return "\n".join([
         "## (c) Kernel time against the memory floor",
@@ -248,7 +259,8 @@ def kernel_section(kernel):
         "initial_state read, o and final_state written. Floor = bytes / copy bandwidth. Kernel: "
         f"CUDA-event time of a graph of {CALLS_PER_GRAPH} captured steps (each with its own "
         f"inputs and state) divided by {CALLS_PER_GRAPH}; this includes any other kernel the op "
-        "launches and the gaps between kernels inside the graph.",
+        "launches and the gaps between kernels inside the graph. For scale, the last column times a `copy_` "
+        "that moves as many bytes, in the same kind of graph.",
         "",
         table, "", *failures(kernel["rows"])]).rstrip()
 
