@@ -95,9 +95,3 @@ def test_unsupported_options():
     with pytest.raises(TypeError, match="unexpected argument"):
         ops.chunk_gated_delta_rule(**kw, chunk_size=32)
 
-
-def test_segment_split_experiment_algebra():
-    """tools/tune_delta_segments.py: the state pass split into segments (transitions from an identity start, then a
-    combine) equals the single pass."""
-    from tools.tune_delta_segments import check
-    check()

@@ -86,7 +86,7 @@ def _segment_chunks(lengths, H, device):
 
 def _tables(lengths, H, device, split=True):
     """Tables for this batch, cached (a few recent batch layouts per device). Without split, one segment per
-    sequence (the delta rules' state pass cannot be split)."""
+    sequence (the delta rules' state passes split otherwise: chunk_delta.SPLIT_SEGMENTS)."""
     key = (lengths, H if split else None, device)
     tabs = _TABLES.get(key)
     if tabs is None:
