@@ -111,7 +111,8 @@ def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_fin
     starts, final = _chain(ends, first, split.counts, V, reverse=False)
     states, v_new, _ = _ops["chunk_delta_state"](k, w, u, gcum, starts, split.segments, split.chunks, False, False,
                                                  narrow)
-    return w, states, v_new, (_user_layout(final, state_v_first) if output_final_state else None)
+    # as the op returns an output not asked for: an empty tensor
+    return w, states, v_new, (_user_layout(final, state_v_first) if output_final_state else final.new_empty(0))
 
 
 def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, output_dh0):
@@ -128,7 +129,7 @@ def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, out
     starts, dh0 = _chain(ends, first, split.counts, V, reverse=True)
     dstates, dv_new, _ = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, starts, split.segments,
                                                        split.chunks, scale, False, False, narrow)
-    return dstates, dv_new, (_user_layout(dh0, state_v_first) if output_dh0 else None)
+    return dstates, dv_new, (_user_layout(dh0, state_v_first) if output_dh0 else dh0.new_empty(0))
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
