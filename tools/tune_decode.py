@@ -240,7 +240,8 @@ def main():
             programs = min(per_sm * sms, B * H * triton.cdiv(K, BV))
             t = graph_time_us(lambda: [launch(x, programs, BV, w, prefetch, delta) for x in sets]) / 4
             results.append((t, f"persistent | {per_sm} | {BV} | {w} | prefetch={prefetch}"))
-        grid = ([16, 32], [32, 64, 128], [1, 2, 4]) if args.quick else ([8, 16, 32, 64], [16, 32, 64, 128], [1, 2, 4, 8])
+        grid = (([16, 32], [32, 64, 128], [1, 2, 4]) if args.quick else
+                ([8, 16, 32, 64], [16, 32, 64, 128], [1, 2, 4, 8]))
         for BKB, BV, w in itertools.product(*grid):
             if BKB * BV // (32 * w) > 64:  # a block's state values per thread
                 continue

@@ -17,7 +17,8 @@ class GatedDeltaNet(TokenMixer):
     """Gated DeltaNet: S' = exp(g_t) S_{t-1}; S_t = S' + beta_t k_t^T (v_t - k_t S') with
     g = -exp(A_log) * softplus(a_proj(x) + dt_bias), beta = sigmoid(b_proj(x)), L2-normalised q, k and a
     gated RMSNorm on the output; grouped value heads with num_v_heads > num_heads. Long or differentiated
-    inputs run `chunk_gated_delta_rule`, decoding and short ones `fused_recurrent_gated_delta_rule`; state [N, HV, V, K]."""
+    inputs run `chunk_gated_delta_rule`, decoding and short ones `fused_recurrent_gated_delta_rule`;
+    state [N, HV, V, K]."""
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256, num_heads: int = 6,
                  num_v_heads: int = None, mode: str = 'chunk', use_gate: bool = True, use_short_conv: bool = True,

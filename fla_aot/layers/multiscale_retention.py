@@ -10,7 +10,8 @@ from fla_aot.layers.modules import FusedRMSNormGated, RMSNorm, RotaryEmbedding, 
 
 class MultiScaleRetention(TokenMixer):
     """Retention: S_t = gamma_h S_{t-1} + k_t^T v_t with gamma_h = 1 - 2^(-5-h), rotary q/k, a gated
-    RMSNorm on the output. Long or differentiated inputs run `chunk_retention`, decoding and short inputs `fused_recurrent_retention`."""
+    RMSNorm on the output. Long or differentiated inputs run `chunk_retention`, decoding and short inputs
+    `fused_recurrent_retention`."""
 
     def __init__(self, mode: str = 'chunk', hidden_size: int = 1024, expand_k: float = 1.0, expand_v: float = 2.0,
                  num_heads: int = 8, num_kv_heads: int | None = None, feature_map: str | None = None,
