@@ -210,6 +210,6 @@ def test_split_state_passes(monkeypatch, segments, case):
     monkeypatch.setattr(chunk_delta, "SPLIT_SEGMENTS", segments)
     kw = make_inputs(H=2, K=64, V=64, **case)
     tabs_lengths = case.get("lengths") or (case["T"],)
-    assert chunk_delta._split_tables(chunk_delta._tables(tuple(tabs_lengths), 2, torch.device(DEV), split=False),
-                                     kw["v"]) is not None
+    tabs = chunk_delta._tables(tuple(tabs_lengths), 2, torch.device(DEV), split=False)
+    assert chunk_delta._split_tables(tabs, chunk_delta._narrow(tabs, kw["v"]), kw["v"].device) is not None
     check(kw)

@@ -74,7 +74,7 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, beta, h0)]
     tabs = _Tables(lengths, 1 << 30, "cpu")
     if segments > 1:  # the passes do run split, into more segments than sequences
-        assert len(chunk_delta._split_tables(tabs, v).segments) > N
+        assert len(chunk_delta._split_tables(tabs, narrow, v.device).segments) > N
     o, ht = chunk_delta.ChunkDeltaFunction.apply(*leaves, K ** -0.5, v_first, True, tabs)
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     ((o * do).sum() + (ht * dht).sum()).backward()

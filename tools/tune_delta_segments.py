@@ -16,30 +16,21 @@ Each row: the forward's w, u and state pass (chunk_delta._states) or the backwar
 against the single pass's. The interpreter tests (tests/test_interpreter_chunk_delta.py) check the split itself.
 """
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import _harness as h  # noqa: E402  (benchmarks/: the CUDA-event timer)
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
 from fla_aot.ops.chunk import _tables  # noqa: E402
 
 
-def event_ms(fn, repeats=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_ms(fn):
+    return h.event_time_per_call(fn, n=1, repeats=10, warmup=1) * 1e3
 
 
 def rel(a, b):

@@ -54,6 +54,7 @@ class _Tables:
         self.segments = torch.tensor(segments, **as_int32).view(-1, 4)
         self.chunks = torch.tensor(chunks, **as_int32).view(-1, 4)
         self.seg_offsets = torch.tensor(seg_offsets, **as_int32)
+        self.segment_counts = [b - a for a, b in zip(seg_offsets[:-1], seg_offsets[1:])]  # host copy, per sequence
         self.single = len(segments) == len(lengths)  # one segment per sequence: no combine step
         self.lengths = lengths
         ends = torch.tensor(lengths, device=device).cumsum(0)

@@ -43,17 +43,14 @@ SPLIT_SEGMENTS = 1
 _SPLIT_TABLES = {}
 
 
-def _split_tables(tabs, v):
+def _split_tables(tabs, narrow, device):
     """Tables that cut each sequence into about SPLIT_SEGMENTS segments (None: keep the single pass)."""
-    if SPLIT_SEGMENTS <= 1 or not _narrow(tabs, v):
+    if SPLIT_SEGMENTS <= 1 or not narrow:
         return None
-    chunks = [-(-n // CHUNK) for n in tabs.lengths]
-    seg_chunks = -(-max(chunks + [1]) // SPLIT_SEGMENTS)
-    key = (tabs.lengths, seg_chunks, v.device)
+    key = (tabs.lengths, SPLIT_SEGMENTS, device)
     if key not in _SPLIT_TABLES:
-        split = _Tables(tabs.lengths, seg_chunks, v.device)
-        split.counts = [max(1, -(-nt // seg_chunks)) for nt in chunks]  # segments per sequence, as _Tables cuts them
-        _SPLIT_TABLES[key] = split
+        longest = max([-(-n // CHUNK) for n in tabs.lengths] + [1])
+        _SPLIT_TABLES[key] = _Tables(tabs.lengths, -(-longest // SPLIT_SEGMENTS), device)
         if len(_SPLIT_TABLES) > 64:  # a few recent batch layouts
             _SPLIT_TABLES.pop(next(iter(_SPLIT_TABLES)))
     return _SPLIT_TABLES[key]
@@ -99,7 +96,8 @@ def _user_layout(state, state_v_first):
 def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state):
     """w, u, then the state pass: (w, the states at chunk starts, v_new, the final state)."""
     w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
-    narrow, split = _narrow(tabs, v), _split_tables(tabs, v)
+    narrow = _narrow(tabs, v)
+    split = _split_tables(tabs, narrow, v.device)
     if split is None:
         states, v_new, ht = _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks,
                                                       state_v_first, output_final_state, narrow)
@@ -108,7 +106,7 @@ def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_fin
     _, _, ends = _ops["chunk_delta_state"](k, w, _widened(u, K), gcum, _identity_start(len(split.segments), HV, K, V,
                                            u.device), split.segments, split.chunks, False, True, narrow)
     first = _as_k_by_v(initial_state, state_v_first, N, HV, K, V, u.device)
-    starts, final = _chain(ends, first, split.counts, V, reverse=False)
+    starts, final = _chain(ends, first, split.segment_counts, V, reverse=False)
     states, v_new, _ = _ops["chunk_delta_state"](k, w, u, gcum, starts, split.segments, split.chunks, False, False,
                                                  narrow)
     # as the op returns an output not asked for: an empty tensor
@@ -117,7 +115,8 @@ def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_fin
 
 def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, output_dh0):
     """The reversed state pass: (the state gradients at chunk ends, dv_new, the initial state's gradient)."""
-    narrow, split = _narrow(tabs, do), _split_tables(tabs, do)
+    narrow = _narrow(tabs, do)
+    split = _split_tables(tabs, narrow, do.device)
     if split is None:
         return _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments, tabs.chunks, scale,
                                              state_v_first, output_dh0, narrow)
@@ -126,7 +125,7 @@ def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, out
                                                _identity_start(len(split.segments), HV, K, V, do.device),
                                                split.segments, split.chunks, scale, False, True, narrow)
     first = _as_k_by_v(dht, state_v_first, N, HV, K, V, do.device)
-    starts, dh0 = _chain(ends, first, split.counts, V, reverse=True)
+    starts, dh0 = _chain(ends, first, split.segment_counts, V, reverse=True)
     dstates, dv_new, _ = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, starts, split.segments,
                                                        split.chunks, scale, False, False, narrow)
     return dstates, dv_new, (_user_layout(dh0, state_v_first) if output_dh0 else dh0.new_empty(0))
