@@ -3,6 +3,7 @@ package, and builds the C++ dispatcher extension (csrc/). Works on a machine wit
 
     pip install --no-build-isolation .          # cubins for sm_80 and sm_90
     FLA_AOT_ARCHS=90 pip install --no-build-isolation .
+    FLA_AOT_IMPORT_CACHE=sm_90.tar.xz ...   # start from kernels compiled elsewhere (compile_kernels --export-cache)
 """
 import os
 import shutil
@@ -27,8 +28,10 @@ from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: E40
 
 def compile_kernels():
     """Runs the kernel compiler (cached under build/kernels) and copies cubins + manifest into the package."""
+    # FLA_AOT_IMPORT_CACHE: a `compile_kernels.py --export-cache` archive from another machine to start from
+    imported = ["--import-cache", os.environ["FLA_AOT_IMPORT_CACHE"]] if os.environ.get("FLA_AOT_IMPORT_CACHE") else []
     subprocess.check_call([sys.executable, str(ROOT / "tools" / "compile_kernels.py"), "--arch", ARCHS,
-                           "--out", str(KERNELS_BUILD)])
+                           "--out", str(KERNELS_BUILD), *imported])
     if KERNELS_PACKAGE.exists():
         shutil.rmtree(KERNELS_PACKAGE)
     KERNELS_PACKAGE.mkdir(parents=True)

@@ -27,11 +27,9 @@ for step in "$@"; do
     case "$verb" in
         build)
             arch=$(python3 -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
-            if [ -f ".kernel_cache/sm_$arch.tar.xz" ]; then  # cubins compiled elsewhere: only what changed compiles here
-                python3 tools/compile_kernels.py --arch "$arch" --import-cache ".kernel_cache/sm_$arch.tar.xz" \
-                    > "$OUT/compile_kernels.log" 2>&1
-            fi
-            FLA_AOT_ARCHS=$arch python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 ;;
+            cache=""  # cubins compiled elsewhere: only what changed since compiles here
+            [ -f ".kernel_cache/sm_$arch.tar.xz" ] && cache="$PWD/.kernel_cache/sm_$arch.tar.xz"
+            FLA_AOT_IMPORT_CACHE=$cache FLA_AOT_ARCHS=$arch python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 ;;
         tests)
             python3 -m pytest -m gpu -q -rf --durations=15 -p no:cacheprovider ${rest:-tests} 2>&1 | tee "$OUT/tests_$i.log" | tail -n 40 ;;
         bench)
