@@ -67,6 +67,7 @@ CASES = {
     "gla_one_segment": (2, None, 16, 32, "gk", True, False, 100),
     "gla_segments_v_first": (1, None, 20, 16, "gk", True, True, 1),
     "gla_varlen": (1, (0, 70, 5, 130), 16, 16, "gk", True, False, 1),
+    "gla_keys_in_slices": (1, None, 40, 24, "gk", False, False, 100),  # K over two slices, the second partial
 }
 
 

@@ -51,11 +51,8 @@ def candidates(name):
     elif name == "chunk_bwd_dv":
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
-    elif name == "chunk_gla_intra":
-        for w, s in itertools.product([1, 2, 4, 8], [1, 2]):
-            yield f"warps={w} stages={s}", {}, dict(num_warps=w, num_stages=s)
-    elif name == "chunk_gla_bwd_intra":
-        for bk, w, s in itertools.product([32, 64], [2, 4, 8], [1, 2]):
+    elif name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+        for bk, w, s in itertools.product([16, 32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
@@ -114,7 +111,7 @@ def main():
     if args.breakdown:  # where the time goes, with the frozen configs
         per_shape = [step_times(B, T, list(kernel_of.values()), op=args.breakdown) for B, T in SHAPES]
         rows = ["| kernel | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " |", "|---|" + "---|" * len(SHAPES)]
-        for kernel in sorted(kernel_of.values(), key=lambda k: -sum(t[k] for t in per_shape)):
+        for kernel in sorted(set(kernel_of.values()), key=lambda k: -sum(t[k] for t in per_shape)):
             if any(t[kernel] for t in per_shape):
                 rows.append(f"| {kernel} | " + " | ".join(f"{t[kernel]:.3f}" for t in per_shape) + " |")
         rows.append("| all | " + " | ".join(f"{sum(t.values()):.3f}" for t in per_shape) + " |")
