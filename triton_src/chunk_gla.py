@@ -14,7 +14,7 @@ last token), h the state [K, V] at the chunk's start and dh its gradient at the 
 The intra-chunk sums differ per key, so they are taken by sub-chunks of BC = 16 rows, one program each: the
 sub-chunks before (or after) a row's own go through a single product, the decay factored through the gate at a
 row between them so that both factors are at most 1 (nothing overflows, and a factor only underflows where the
-product it belongs to is smaller still); the diagonal sub-chunk is summed exactly, over a [BC, BC, BK] tile of decays. A and dA are
+product it belongs to is smaller still); the diagonal sub-chunk is summed exactly, column by column. A and dA are
 kept in float32 ([B, T, H, 64]) between kernels, as are the state's shares of dq and dk.
 """
 import triton
@@ -54,19 +54,10 @@ def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, B
 
 
 @triton.jit
-def _diag_decay(b_g, mask_i, o_c):
-    """exp(G_i - G_j) for i, j in one sub-chunk, [BC, BC, BK]: the exact decay where j <= i (both real rows), 0
-    elsewhere (above the diagonal the difference is positive and may overflow)."""
-    tri = (o_c[:, None] >= o_c[None, :]) & mask_i[:, None] & mask_i[None, :]
-    return tl.where(tri[:, :, None], tl.exp(tl.where(tri[:, :, None], b_g[:, None, :] - b_g[None, :, :], 0.)), 0.)
-
-
-@triton.jit
 def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
-                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                           KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """The rows of A in sub-chunk i_i: earlier sub-chunks through the gate at the sub-chunk's first row r0
-    (exp(G_i - G_r0) and exp(G_r0 - G_j) are both <= 1), the diagonal block exactly, summed over a
-    [BC, BC, BK] tile of decays a slice of K at a time."""
+    (exp(G_i - G_r0) and exp(G_r0 - G_j) are both <= 1), the diagonal block exactly, a column at a time."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     i_i = tl.program_id(1)
     r0 = t0 + i_i * BC
@@ -75,29 +66,33 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
     mask_i = o_i < t1
     o_j = tl.arange(0, BT)
     before = (o_j < i_i * BC) & (r0 < t1)  # earlier sub-chunks, when this one has a row
-    b_A = tl.zeros([BC, BT], dtype=tl.float32)
-    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mask_k = o_k < K
-        m_i = mask_i[:, None] & mask_k[None, :]
-        p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p_i, mask=m_i, other=0.)
-        b_gi = tl.load(g + p_i, mask=m_i, other=0.)
-        b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-        m_j = before[:, None] & mask_k[None, :]
-        p_j = ((t0 + o_j)[:, None] * H + i_h) * K + o_k[None, :]
-        b_k = tl.load(k + p_j, mask=m_j, other=0.)
-        b_qg = (b_q * _exp_where(m_i, b_gi - b_gn[None, :])).to(b_q.dtype)
-        b_kg = (b_k * _exp_where(m_j, b_gn[None, :] - tl.load(g + p_j, mask=m_j, other=0.))).to(b_k.dtype)
-        b_A += _dot(b_qg, tl.trans(b_kg))
-        b_ki = tl.load(k + p_i, mask=m_i, other=0.).to(tl.float32)
-        b_Ad += tl.sum(b_q.to(tl.float32)[:, None, :] * b_ki[None, :, :] * _diag_decay(b_gi, mask_i, o_c), 2)
+    o_k = tl.arange(0, KP)
+    mask_k = o_k < K
+    m_i = mask_i[:, None] & mask_k[None, :]
+    p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_i, mask=m_i, other=0.)
+    b_gi = tl.load(g + p_i, mask=m_i, other=0.)
+    b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
+    m_j = before[:, None] & mask_k[None, :]
+    p_j = ((t0 + o_j)[:, None] * H + i_h) * K + o_k[None, :]
+    b_k = tl.load(k + p_j, mask=m_j, other=0.)
+    b_qg = (b_q * _exp_where(m_i, b_gi - b_gn[None, :])).to(b_q.dtype)
+    b_kg = (b_k * _exp_where(m_j, b_gn[None, :] - tl.load(g + p_j, mask=m_j, other=0.))).to(b_k.dtype)
+    b_A = _dot(b_qg, tl.trans(b_kg)) * scale
     p_A = A + (o_i * H + i_h) * BT
-    # earlier sub-chunks and the zeros right of the diagonal block, then the diagonal block
+    # earlier sub-chunks, and the zeros right of the diagonal block
     diag = (o_j >= i_i * BC) & (o_j < i_i * BC + BC)
-    tl.store(p_A[:, None] + o_j[None, :], b_A * scale, mask=mask_i[:, None] & ~diag[None, :])
-    tl.store(p_A[:, None] + i_i * BC + o_c[None, :], b_Ad * scale, mask=mask_i[:, None])
+    tl.store(p_A[:, None] + o_j[None, :], b_A, mask=mask_i[:, None] & ~diag[None, :])
+
+    b_qf = b_q.to(tl.float32)
+    for j in range(0, BC):
+        r = r0 + j
+        m_r = mask_k & (r < t1)
+        b_kr = tl.load(k + (r * H + i_h) * K + o_k, mask=m_r, other=0.).to(tl.float32)
+        b_gr = tl.load(g + (r * H + i_h) * K + o_k, mask=m_r, other=0.)
+        keep = (o_c >= j)[:, None] & m_i
+        a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
+        tl.store(p_A + i_i * BC + j, a * scale, mask=mask_i)
 
 
 @triton.jit
@@ -175,12 +170,15 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
 @triton.jit
 def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
                                KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """dq, dk of sub-chunk i_i's rows: the state's shares plus the intra-chunk sums (earlier sub-chunks for dq
-    through the gate at the sub-chunk's first row, later ones for dk through the gate at its last row, the diagonal
-    block exactly, over a [BC, BC, BK] tile of decays); and q.dq - k.dk per key, the gate's gradient before its suffix sum,
-    with its sum over the chunk (dg_chunk, summed over the sub-chunks)."""
+    """dq, dk of sub-chunk i_i's rows and the BK-wide slice i_k of K: the state's shares plus the intra-chunk sums
+    (earlier sub-chunks for dq through the gate at the sub-chunk's first row, later ones for dk through the gate at
+    its last row, the diagonal block exactly, a row and column at a time); and q.dq - k.dk per key, the gate's
+    gradient before its suffix sum, with its sum over the chunk (dg_chunk, summed over the sub-chunks).
+    The slices of K are independent programs (1.21 against 1.84 ms looping over them in one, B=8 T=2048 on an
+    H200), so the dA tiles are read once per slice."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     i_i = tl.program_id(1)
+    i_k = tl.program_id(2)
     r0 = t0 + i_i * BC
     o_c = tl.arange(0, BC)
     o_i = r0 + o_c
@@ -194,40 +192,51 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
                         other=0.).to(k.dtype.element_ty)  # [BC, BT]: dA[i, j], j in earlier sub-chunks
     b_dA_cols = tl.load(dA + (o_t[:, None] * H + i_h) * BT + i_i * BC + o_c[None, :], mask=after[:, None],
                         other=0.).to(q.dtype.element_ty)  # [BT, BC]: dA[i, j], i in later sub-chunks
-    b_dAd = tl.load(dA + (o_i[:, None] * H + i_h) * BT + i_i * BC + o_c[None, :], mask=mask_i[:, None],
-                    other=0.)  # [BC, BC]: the diagonal block (zero above the diagonal)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mask_k = o_k < K
-        m_i = mask_i[:, None] & mask_k[None, :]
-        p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
-        b_q = tl.load(q + p_i, mask=m_i, other=0.)
-        b_k = tl.load(k + p_i, mask=m_i, other=0.)
-        b_gi = tl.load(g + p_i, mask=m_i, other=0.)
-        p_t = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-        # dq_i += sum_j dA[i, j] k_j exp(G_i - G_j), j in earlier sub-chunks
-        b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-        m_b = before[:, None] & mask_k[None, :]
-        b_kb = tl.load(k + p_t, mask=m_b, other=0.)
-        b_kb = (b_kb * _exp_where(m_b, b_gn[None, :] - tl.load(g + p_t, mask=m_b, other=0.))).to(b_k.dtype)
-        b_dq = _exp_where(m_i, b_gi - b_gn[None, :]) * _dot(b_dA_rows, b_kb)
-        # dk_j += sum_i dA[i, j] q_i exp(G_i - G_j), i in later sub-chunks
-        b_gm = tl.load(g + (r1 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-        m_a = after[:, None] & mask_k[None, :]
-        b_qa = tl.load(q + p_t, mask=m_a, other=0.)
-        b_qa = (b_qa * _exp_where(m_a, tl.load(g + p_t, mask=m_a, other=0.) - b_gm[None, :])).to(b_q.dtype)
-        b_dk = _exp_where(m_i, b_gm[None, :] - b_gi) * _dot(tl.trans(b_dA_cols), b_qa)
-        # the diagonal block: rows i >= j take dA[i, j] k_j exp(G_i - G_j), rows j <= i take dA[i, j] q_i exp(...)
-        b_E = _diag_decay(b_gi, mask_i, o_c)
-        b_dq += tl.sum(b_dAd[:, :, None] * b_k.to(tl.float32)[None, :, :] * b_E, 1)
-        b_dk += tl.sum(b_dAd[:, :, None] * b_q.to(tl.float32)[:, None, :] * b_E, 0)
-        b_dq += tl.load(dq_inter + p_i, mask=m_i, other=0.)
-        b_dk += tl.load(dk_inter + p_i, mask=m_i, other=0.)
-        tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
-        tl.store(dk + p_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
-        b_dg = tl.where(m_i, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
-        tl.store(dg + p_i, b_dg, mask=m_i)
-        tl.atomic_add(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
+    o_k = i_k * BK + tl.arange(0, BK)
+    mask_k = o_k < K
+    m_i = mask_i[:, None] & mask_k[None, :]
+    p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_i, mask=m_i, other=0.)
+    b_k = tl.load(k + p_i, mask=m_i, other=0.)
+    b_gi = tl.load(g + p_i, mask=m_i, other=0.)
+    p_t = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    # dq_i += sum_j dA[i, j] k_j exp(G_i - G_j), j in earlier sub-chunks
+    b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
+    m_b = before[:, None] & mask_k[None, :]
+    b_kb = tl.load(k + p_t, mask=m_b, other=0.)
+    b_kb = (b_kb * _exp_where(m_b, b_gn[None, :] - tl.load(g + p_t, mask=m_b, other=0.))).to(b_k.dtype)
+    b_dq = _exp_where(m_i, b_gi - b_gn[None, :]) * _dot(b_dA_rows, b_kb)
+    # dk_j += sum_i dA[i, j] q_i exp(G_i - G_j), i in later sub-chunks
+    b_gm = tl.load(g + (r1 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
+    m_a = after[:, None] & mask_k[None, :]
+    b_qa = tl.load(q + p_t, mask=m_a, other=0.)
+    b_qa = (b_qa * _exp_where(m_a, tl.load(g + p_t, mask=m_a, other=0.) - b_gm[None, :])).to(b_q.dtype)
+    b_dk = _exp_where(m_i, b_gm[None, :] - b_gi) * _dot(tl.trans(b_dA_cols), b_qa)
+    # the diagonal block: rows i >= r of dq take dA[i, r] k_r exp(G_i - G_r), rows i <= r of dk take
+    # dA[r, i] q_r exp(G_r - G_i): each row needs only one of the two exponents (both 0 where i = r), one exp each
+    for j in range(0, BC):
+        r = r0 + j
+        m_r = mask_k & (r < t1)
+        p_r = (r * H + i_h) * K + o_k
+        b_kr = tl.load(k + p_r, mask=m_r, other=0.).to(tl.float32)
+        b_qr = tl.load(q + p_r, mask=m_r, other=0.).to(tl.float32)
+        b_gr = tl.load(g + p_r, mask=m_r, other=0.)
+        dA_col = tl.load(dA + (o_i * H + i_h) * BT + i_i * BC + j, mask=mask_i & (o_c >= j), other=0.)
+        dA_row = tl.load(dA + (r * H + i_h) * BT + i_i * BC + o_c, mask=(o_c <= j) & (r < t1), other=0.)
+        ge = (o_c >= j)[:, None] & m_i
+        le = (o_c <= j)[:, None] & m_i
+        d = b_gi - b_gr[None, :]
+        e = tl.exp(tl.where(m_i, tl.where(ge, d, -d), 0.))
+        b_dq += tl.where(ge, dA_col[:, None] * b_kr[None, :] * e, 0.)
+        b_dk += tl.where(le, dA_row[:, None] * b_qr[None, :] * e, 0.)
+
+    b_dq += tl.load(dq_inter + p_i, mask=m_i, other=0.)
+    b_dk += tl.load(dk_inter + p_i, mask=m_i, other=0.)
+    tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
+    tl.store(dk + p_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
+    b_dg = tl.where(m_i, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
+    tl.store(dg + p_i, b_dg, mask=m_i)
+    tl.atomic_add(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
 
 
 @triton.jit
@@ -284,11 +293,13 @@ def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
 
 def _intra_config(KP, **_):
-    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=1)
+    # one tile spans K; 8 warps: 0.67 ms summed over the three shapes against 0.87 with 4
+    return dict(BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=1)
 
 
 def _bwd_intra_config(KP, **_):
-    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=1)
+    # B=8 T=2048 on an H200, one launch: 1.21 ms; BK=64: 1.25; 8 warps: 1.85; 2 warps: 1.38 (see the closing note)
+    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, num_warps=4, num_stages=1)
 
 
 def _fwd_o_config(KP, **_):
@@ -370,7 +381,7 @@ SPECS = [
                  Output("dg", "B T H K", dtype="float32"), Output("dg_chunk", "C H K", dtype="float32", zeros=True)],
         axes=_AXES_QK,
         launch_config=_bwd_intra_config,
-        grid=["C * H", f"cdiv({CHUNK}, BC)"],
+        grid=["C * H", f"cdiv({CHUNK}, BC)", "cdiv(K, BK)"],
     ),
     OpSpec(
         name="chunk_gla_bwd_dv",
