@@ -199,17 +199,3 @@ def test_gate_in_kernel(op):
     dA, db = torch.autograd.grad(o, (A32, b32), do)
     ref_dA, ref_db = torch.autograd.grad(ref_o, (A_log, dt_bias), do.double())
     assert rel_err(dA, ref_dA) < GRAD_TOL[torch.bfloat16] and rel_err(db, ref_db) < GRAD_TOL[torch.bfloat16]
-
-
-@pytest.mark.parametrize("segments", [2, 5])
-@pytest.mark.parametrize("case", [dict(B=1, T=900), dict(B=1, T=700, lengths=(300, 0, 64, 336), state_v_first=True),
-                                  dict(B=1, T=500, gate=None, initial_state=False)])
-def test_split_state_passes(monkeypatch, segments, case):
-    """The state passes split into segments (chunk_delta.SPLIT_SEGMENTS; a narrow batch, so the split applies)."""
-    import fla_aot.ops.chunk_delta as chunk_delta
-    monkeypatch.setattr(chunk_delta, "SPLIT_SEGMENTS", segments)
-    kw = make_inputs(H=2, K=64, V=64, **case)
-    tabs_lengths = case.get("lengths") or (case["T"],)
-    tabs = chunk_delta._tables(tuple(tabs_lengths), 2, torch.device(DEV), split=False)
-    assert chunk_delta._split_tables(tabs, chunk_delta._narrow(tabs, kw["v"]), kw["v"].device) is not None
-    check(kw)

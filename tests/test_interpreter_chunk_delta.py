@@ -39,23 +39,19 @@ def interpreted(monkeypatch):
 
 
 CASES = {
-    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first, narrow state-pass slices,
-    #        segments per sequence of the split state passes (1: the single pass))
-    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False, False, 1),
-    "gated_weak_v_first_narrow": (1, None, 1, 1, 32, 20, "weak", True, True, True, 1),
-    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False, False, 1),
-    "plain_no_h0_narrow": (1, None, 1, 1, 16, 40, None, False, False, True, 1),
-    "gated_grouped_split": (2, None, 2, 4, 16, 32, "strong", True, False, True, 2),
-    "plain_varlen_v_first_split": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, True, True, 3),
-    "gated_weak_no_h0_split": (1, None, 1, 1, 16, 40, "weak", False, False, True, 3),
+    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first, narrow state-pass slices)
+    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False, False),
+    "gated_weak_v_first_narrow": (1, None, 1, 1, 32, 20, "weak", True, True, True),
+    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False, False),
+    "plain_no_h0_narrow": (1, None, 1, 1, 16, 40, None, False, False, True),
+    "plain_varlen_v_first_narrow": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, True, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
-    B, lengths, H, HV, K, V, gate, with_h0, v_first, narrow, segments = CASES[case]
+    B, lengths, H, HV, K, V, gate, with_h0, v_first, narrow = CASES[case]
     monkeypatch.setattr(chunk_delta, "_narrow", lambda tabs, v: narrow)
-    monkeypatch.setattr(chunk_delta, "SPLIT_SEGMENTS", segments)
     T = 150 if lengths is None else sum(lengths)
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)
@@ -73,8 +69,6 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
 
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, beta, h0)]
     tabs = _Tables(lengths, 1 << 30, "cpu")
-    if segments > 1:  # the passes do run split, into more segments than sequences
-        assert len(chunk_delta._split_tables(tabs, narrow, v.device).segments) > N
     o, ht = chunk_delta.ChunkDeltaFunction.apply(*leaves, K ** -0.5, v_first, True, tabs)
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     ((o * do).sum() + (ht * dht).sum()).backward()

@@ -54,7 +54,6 @@ class _Tables:
         self.segments = torch.tensor(segments, **as_int32).view(-1, 4)
         self.chunks = torch.tensor(chunks, **as_int32).view(-1, 4)
         self.seg_offsets = torch.tensor(seg_offsets, **as_int32)
-        self.segment_counts = [b - a for a, b in zip(seg_offsets[:-1], seg_offsets[1:])]  # host copy, per sequence
         self.single = len(segments) == len(lengths)  # one segment per sequence: no combine step
         self.lengths = lengths
         ends = torch.tensor(lengths, device=device).cumsum(0)
@@ -87,7 +86,7 @@ def _segment_chunks(lengths, H, device):
 
 def _tables(lengths, H, device, split=True):
     """Tables for this batch, cached (a few recent batch layouts per device). Without split, one segment per
-    sequence (the delta rules' state passes split otherwise: chunk_delta.SPLIT_SEGMENTS)."""
+    sequence (the delta rules' state passes: their chunk maps are K x K matrices, not a scalar decay)."""
     key = (lengths, H if split else None, device)
     tabs = _TABLES.get(key)
     if tabs is None:

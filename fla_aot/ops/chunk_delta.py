@@ -12,7 +12,7 @@ rules (fla_aot.ops.fused_recurrent) their backward. CPU tensors run the referenc
 import torch
 
 from fla_aot._registry import OPS
-from fla_aot.ops.chunk import CHUNK, _Tables, _tables, sm_count
+from fla_aot.ops.chunk import _tables, sm_count
 from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, gated_delta_gate
 from fla_aot.reference import fused_recurrent_reference
 
@@ -32,103 +32,18 @@ def _narrow(tabs, v):
     return v.is_cuda and len(tabs.lengths) * v.shape[2] * -(-v.shape[3] // 64) < sm_count(v.device)
 
 
-# The state passes, split into segments that run at once when the batch alone leaves SMs idle (_narrow). A chunk
-# moves the state by an affine map, h' = A_c h + B_c with A_c = exp(G_L) I - K_d^T W a full K x K matrix (the
-# backward's dh likewise), so a segment's map comes from the same kernel over a state widened by K columns that
-# start as the identity (and see zero inputs): it ends as [B_s | P_s]. A chain over the segments (_chain) gives
-# each its true start, and a second pass from those starts the states. Three passes of the work of one, spread over
-# SPLIT_SEGMENTS times the programs (tools/tune_delta_segments.py times it). 1: the single pass, until the split is
-# measured faster on a GPU.
-SPLIT_SEGMENTS = 1
-_SPLIT_TABLES = {}
-
-
-def _split_tables(tabs, narrow, device):
-    """Tables that cut each sequence into about SPLIT_SEGMENTS segments (None: keep the single pass)."""
-    if SPLIT_SEGMENTS <= 1 or not narrow:
-        return None
-    key = (tabs.lengths, SPLIT_SEGMENTS, device)
-    if key not in _SPLIT_TABLES:
-        longest = max([-(-n // CHUNK) for n in tabs.lengths] + [1])
-        _SPLIT_TABLES[key] = _Tables(tabs.lengths, -(-longest // SPLIT_SEGMENTS), device)
-        if len(_SPLIT_TABLES) > 64:  # a few recent batch layouts
-            _SPLIT_TABLES.pop(next(iter(_SPLIT_TABLES)))
-    return _SPLIT_TABLES[key]
-
-
-def _widened(x, K):
-    # the K identity columns see zero inputs
-    return torch.cat([x, x.new_zeros(*x.shape[:3], K)], -1)
-
-
-def _identity_start(S, HV, K, V, device):
-    start = torch.zeros(S, HV, K, V + K, device=device)
-    start[..., V:] = torch.eye(K, device=device)
-    return start
-
-
-def _as_k_by_v(state, state_v_first, N, HV, K, V, device):
-    """A user state ([N, HV, K, V], or [N, HV, V, K] with state_v_first; None: zeros) as the kernels' [K, V]."""
-    if state is None:
-        return torch.zeros(N, HV, K, V, device=device)
-    return state.transpose(-1, -2) if state_v_first else state
-
-
-def _chain(ends, first, counts, V, reverse):
-    """Each segment's true start from the segments' maps ends[s] = [B_s | P_s] (after segment s the state is
-    P_s start_s + B_s), per sequence from first[n] in order (reverse: from its last segment). Returns the starts
-    [S, HV, K, V] and the state after each sequence's last segment [N, HV, K, V]."""
-    starts, after, row = [None] * ends.shape[0], [], 0
-    for n, count in enumerate(counts):
-        h = first[n]
-        for r in (range(row + count - 1, row - 1, -1) if reverse else range(row, row + count)):
-            starts[r] = h
-            h = ends[r, ..., V:] @ h + ends[r, ..., :V]
-        after.append(h)
-        row += count
-    return torch.stack(starts).contiguous(), torch.stack(after)
-
-
-def _user_layout(state, state_v_first):
-    return (state.transpose(-1, -2) if state_v_first else state).contiguous()
-
-
 def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state):
     """w, u, then the state pass: (w, the states at chunk starts, v_new, the final state)."""
     w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
-    narrow = _narrow(tabs, v)
-    split = _split_tables(tabs, narrow, v.device)
-    if split is None:
-        states, v_new, ht = _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks,
-                                                      state_v_first, output_final_state, narrow)
-        return w, states, v_new, ht
-    N, HV, K, V = len(tabs.lengths), w.shape[2], w.shape[3], u.shape[3]
-    _, _, ends = _ops["chunk_delta_state"](k, w, _widened(u, K), gcum, _identity_start(len(split.segments), HV, K, V,
-                                           u.device), split.segments, split.chunks, False, True, narrow)
-    first = _as_k_by_v(initial_state, state_v_first, N, HV, K, V, u.device)
-    starts, final = _chain(ends, first, split.segment_counts, V, reverse=False)
-    states, v_new, _ = _ops["chunk_delta_state"](k, w, u, gcum, starts, split.segments, split.chunks, False, False,
-                                                 narrow)
-    # as the op returns an output not asked for: an empty tensor
-    return w, states, v_new, (_user_layout(final, state_v_first) if output_final_state else final.new_empty(0))
+    states, v_new, ht = _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks,
+                                                  state_v_first, output_final_state, _narrow(tabs, v))
+    return w, states, v_new, ht
 
 
 def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, output_dh0):
     """The reversed state pass: (the state gradients at chunk ends, dv_new, the initial state's gradient)."""
-    narrow = _narrow(tabs, do)
-    split = _split_tables(tabs, narrow, do.device)
-    if split is None:
-        return _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments, tabs.chunks, scale,
-                                             state_v_first, output_dh0, narrow)
-    N, HV, K, V = len(tabs.lengths), w.shape[2], w.shape[3], do.shape[3]
-    _, _, ends = _ops["chunk_delta_bwd_state"](q, k, w, gcum, _widened(do, K), _widened(dv_local, K),
-                                               _identity_start(len(split.segments), HV, K, V, do.device),
-                                               split.segments, split.chunks, scale, False, True, narrow)
-    first = _as_k_by_v(dht, state_v_first, N, HV, K, V, do.device)
-    starts, dh0 = _chain(ends, first, split.segment_counts, V, reverse=True)
-    dstates, dv_new, _ = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, starts, split.segments,
-                                                       split.chunks, scale, False, False, narrow)
-    return dstates, dv_new, (_user_layout(dh0, state_v_first) if output_dh0 else dh0.new_empty(0))
+    return _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments, tabs.chunks, scale,
+                                         state_v_first, output_dh0, _narrow(tabs, do))
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
