@@ -104,6 +104,19 @@ def test_chunk_forward_and_backward(interpreted, case):
         assert rel_err(x.grad, ref.grad) < 1e-4, (name, rel_err(x.grad, ref.grad))
 
 
+@pytest.mark.parametrize("case", [name for name in CASES if name.startswith("gla")])
+def test_gla_intra_prefetch(monkeypatch, case, request):
+    """The intra kernels' PREFETCH form (the next row loads during this row's sums; off in the frozen configs until
+    a GPU times it) gives the same results."""
+    for spec in chunk_gla_src.SPECS:
+        if spec.name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes: dict(base(**axes),
+                                                                                                   PREFETCH=True))
+            assert all(v["constexprs"]["PREFETCH"] for v in spec.variants())
+    request.getfixturevalue("interpreted")
+    test_chunk_forward_and_backward(None, case)
+
+
 def test_tables_split_long_sequences():
     tabs = chunk._Tables((0, 300, 64), 2, "cpu")
     # sequence 0 is empty but keeps a segment (its state passes through); 300 tokens = 5 chunks = 3 segments

@@ -54,8 +54,26 @@ def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, B
 
 
 @triton.jit
+def _intra_diag_rows(j, r0, t1, i_h, H, K, BC: tl.constexpr, o_k, mask_k, k, g):
+    """k and G at row r0 + j (zeros past the sequence's end; j = BC, the prefetch after the last step, reads the
+    next sub-chunk's row, unused)."""
+    r = r0 + j
+    m_r = mask_k & (r < t1)
+    return (tl.load(k + (r * H + i_h) * K + o_k, mask=m_r, other=0.).to(tl.float32),
+            tl.load(g + (r * H + i_h) * K + o_k, mask=m_r, other=0.))
+
+
+@triton.jit
+def _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A, scale):
+    """Column j of A's diagonal block from row j's k and G: rows i >= j take scale * sum_k q_ik k_jk exp(G_ik - G_jk)."""
+    keep = (o_c >= j)[:, None] & m_i
+    a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
+    tl.store(p_A + j, a * scale, mask=mask_i)
+
+
+@triton.jit
 def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
-                           KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                           KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
     """The rows of A in sub-chunk i_i: earlier sub-chunks through the gate at the sub-chunk's first row r0
     (exp(G_i - G_r0) and exp(G_r0 - G_j) are both <= 1), the diagonal block exactly, a column at a time."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
@@ -85,14 +103,18 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
     tl.store(p_A[:, None] + o_j[None, :], b_A, mask=mask_i[:, None] & ~diag[None, :])
 
     b_qf = b_q.to(tl.float32)
-    for j in range(0, BC):
-        r = r0 + j
-        m_r = mask_k & (r < t1)
-        b_kr = tl.load(k + (r * H + i_h) * K + o_k, mask=m_r, other=0.).to(tl.float32)
-        b_gr = tl.load(g + (r * H + i_h) * K + o_k, mask=m_r, other=0.)
-        keep = (o_c >= j)[:, None] & m_i
-        a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
-        tl.store(p_A + i_i * BC + j, a * scale, mask=mask_i)
+    if PREFETCH:
+        # Triton does not pipeline these row loads, and each column waits on its own: load the next column's
+        # rows before this one's sums
+        b_kr, b_gr = _intra_diag_rows(0, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
+        for j in range(0, BC):
+            b_kn, b_gn = _intra_diag_rows(j + 1, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
+            _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A + i_i * BC, scale)
+            b_kr, b_gr = b_kn, b_gn
+    else:
+        for j in range(0, BC):
+            b_kr, b_gr = _intra_diag_rows(j, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
+            _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A + i_i * BC, scale)
 
 
 @triton.jit
@@ -168,8 +190,37 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
 
 
 @triton.jit
+def _bwd_diag_rows(j, r0, t1, i_h, H, K, BT: tl.constexpr, i_i, BC: tl.constexpr, o_c, o_i, mask_i, o_k, mask_k,
+                   q, k, g, dA):
+    """Step j of the diagonal block: k, q and G at row r = r0 + j, dA's column r (rows i >= r) and its row r
+    (columns i <= r); zeros past the sequence's end (j = BC, the prefetch after the last step, masks dA's column
+    off and reads rows it does not use)."""
+    r = r0 + j
+    m_r = mask_k & (r < t1)
+    p_r = (r * H + i_h) * K + o_k
+    return (tl.load(k + p_r, mask=m_r, other=0.).to(tl.float32),
+            tl.load(q + p_r, mask=m_r, other=0.).to(tl.float32),
+            tl.load(g + p_r, mask=m_r, other=0.),
+            tl.load(dA + (o_i * H + i_h) * BT + i_i * BC + j, mask=mask_i & (o_c >= j), other=0.),
+            tl.load(dA + (r * H + i_h) * BT + i_i * BC + o_c, mask=(o_c <= j) & (r < t1), other=0.))
+
+
+@triton.jit
+def _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk):
+    """Rows i >= r of dq take dA[i, r] k_r exp(G_i - G_r), rows i <= r of dk take dA[r, i] q_r exp(G_r - G_i):
+    each row needs only one of the two exponents (both 0 where i = r), so one exp per element serves both."""
+    ge = (o_c >= j)[:, None] & m_i
+    le = (o_c <= j)[:, None] & m_i
+    d = b_gi - b_gr[None, :]
+    e = tl.exp(tl.where(m_i, tl.where(ge, d, -d), 0.))
+    return (b_dq + tl.where(ge, dA_col[:, None] * b_kr[None, :] * e, 0.),
+            b_dk + tl.where(le, dA_row[:, None] * b_qr[None, :] * e, 0.))
+
+
+@triton.jit
 def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
-                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                               PREFETCH: tl.constexpr):
     """dq, dk of sub-chunk i_i's rows and the BK-wide slice i_k of K: the state's shares plus the intra-chunk sums
     (earlier sub-chunks for dq through the gate at the sub-chunk's first row, later ones for dk through the gate at
     its last row, the diagonal block exactly, a row and column at a time); and q.dq - k.dk per key, the gate's
@@ -212,23 +263,20 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     b_qa = tl.load(q + p_t, mask=m_a, other=0.)
     b_qa = (b_qa * _exp_where(m_a, tl.load(g + p_t, mask=m_a, other=0.) - b_gm[None, :])).to(b_q.dtype)
     b_dk = _exp_where(m_i, b_gm[None, :] - b_gi) * _dot(tl.trans(b_dA_cols), b_qa)
-    # the diagonal block: rows i >= r of dq take dA[i, r] k_r exp(G_i - G_r), rows i <= r of dk take
-    # dA[r, i] q_r exp(G_r - G_i): each row needs only one of the two exponents (both 0 where i = r), one exp each
-    for j in range(0, BC):
-        r = r0 + j
-        m_r = mask_k & (r < t1)
-        p_r = (r * H + i_h) * K + o_k
-        b_kr = tl.load(k + p_r, mask=m_r, other=0.).to(tl.float32)
-        b_qr = tl.load(q + p_r, mask=m_r, other=0.).to(tl.float32)
-        b_gr = tl.load(g + p_r, mask=m_r, other=0.)
-        dA_col = tl.load(dA + (o_i * H + i_h) * BT + i_i * BC + j, mask=mask_i & (o_c >= j), other=0.)
-        dA_row = tl.load(dA + (r * H + i_h) * BT + i_i * BC + o_c, mask=(o_c <= j) & (r < t1), other=0.)
-        ge = (o_c >= j)[:, None] & m_i
-        le = (o_c <= j)[:, None] & m_i
-        d = b_gi - b_gr[None, :]
-        e = tl.exp(tl.where(m_i, tl.where(ge, d, -d), 0.))
-        b_dq += tl.where(ge, dA_col[:, None] * b_kr[None, :] * e, 0.)
-        b_dk += tl.where(le, dA_row[:, None] * b_qr[None, :] * e, 0.)
+    # the diagonal block, a row and column r at a time
+    if PREFETCH:  # as in chunk_gla_intra_kernel: the next step's rows load while this one's terms are summed
+        b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(0, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i, o_k,
+                                                          mask_k, q, k, g, dA)
+        for j in range(0, BC):
+            n_kr, n_qr, n_gr, n_col, n_row = _bwd_diag_rows(j + 1, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
+                                                            o_k, mask_k, q, k, g, dA)
+            b_dq, b_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk)
+            b_kr, b_qr, b_gr, dA_col, dA_row = n_kr, n_qr, n_gr, n_col, n_row
+    else:
+        for j in range(0, BC):
+            b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(j, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
+                                                              o_k, mask_k, q, k, g, dA)
+            b_dq, b_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk)
 
     b_dq += tl.load(dq_inter + p_i, mask=m_i, other=0.)
     b_dk += tl.load(dk_inter + p_i, mask=m_i, other=0.)
@@ -292,14 +340,16 @@ def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
 
+# PREFETCH (both intra kernels): compiles to the same code as before when off; not yet timed on a GPU (tune_chunk
+# has it among the candidates).
 def _intra_config(KP, **_):
     # one tile spans K; 8 warps: 0.67 ms summed over the three shapes against 0.87 with 4
-    return dict(BT=CHUNK, BC=SUB_CHUNK, num_warps=8, num_stages=1)
+    return dict(BT=CHUNK, BC=SUB_CHUNK, PREFETCH=False, num_warps=8, num_stages=1)
 
 
 def _bwd_intra_config(KP, **_):
-    # B=8 T=2048 on an H200, one launch: 1.21 ms; BK=64: 1.25; 8 warps: 1.85; 2 warps: 1.38 (see the closing note)
-    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, num_warps=4, num_stages=1)
+    # B=8 T=2048 on an H200, one launch: 1.21 ms; BK=64: 1.25; 8 warps: 1.85; 2 warps: 1.38 (docs/tuning/chunk.md)
+    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, PREFETCH=False, num_warps=4, num_stages=1)
 
 
 def _fwd_o_config(KP, **_):
