@@ -6,6 +6,7 @@
 #
 # Steps: build (pip install -e ., kernels for this GPU only); tests [pytest args] (the GPU tests, -m gpu; default: all of tests/);
 # bench <script> [args] (benchmarks/<script>, results under $OUT/benchmarks unless args name another --out); any other word runs as a shell command.
+# STEP_TIMEOUT=<seconds> caps each step after the build (a step cut off exits 124 and the next one runs).
 # Wheels under .whl/ (fla-core, to compare against) are installed into /tmp/site first, when present.
 # Carry .kernel_cache/ made here by `python tools/compile_kernels.py --arch 90 --export-cache .kernel_cache/sm_90.tar.xz`
 # and the build step starts from those cubins instead of compiling every kernel on the GPU machine.
@@ -31,12 +32,14 @@ for step in "$@"; do
             [ -f ".kernel_cache/sm_$arch.tar.xz" ] && cache="$PWD/.kernel_cache/sm_$arch.tar.xz"
             FLA_AOT_IMPORT_CACHE=$cache FLA_AOT_ARCHS=$arch python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 ;;
         tests)
-            python3 -m pytest -m gpu -q -rf --durations=15 -p no:cacheprovider ${rest:-tests} 2>&1 | tee "$OUT/tests_$i.log" | tail -n 40 ;;
+            timeout "${STEP_TIMEOUT:-0}" python3 -m pytest -m gpu -q -rf --durations=15 -p no:cacheprovider ${rest:-tests} 2>&1 \
+                | tee "$OUT/tests_$i.log" | tail -n 40 ;;
         bench)
             read -r script args <<< "$rest"
-            python3 "benchmarks/$script" --out "$OUT/benchmarks" ${args:-} > "$OUT/bench_${i}_${script%.py}.log" 2>&1 ;;
+            timeout "${STEP_TIMEOUT:-0}" python3 "benchmarks/$script" --out "$OUT/benchmarks" ${args:-} \
+                > "$OUT/bench_${i}_${script%.py}.log" 2>&1 ;;
         *)
-            bash -c "$step" 2>&1 | tee -a "$OUT/other.log" | tail -n 40 ;;
+            timeout "${STEP_TIMEOUT:-0}" bash -c "$step" 2>&1 | tee -a "$OUT/other.log" | tail -n 40 ;;
     esac
     rc=$?
     [ $rc -ne 0 ] && status=1
