@@ -105,12 +105,17 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
     b_qf = b_q.to(tl.float32)
     if PREFETCH:
         # Triton does not pipeline these row loads, and each column waits on its own: load the next column's
-        # rows before this one's sums
+        # rows before this one's sums, and keep the block in registers (a store per column moves its sums
+        # between layouts through shared memory, with two barriers) to store it once
+        b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
         b_kr, b_gr = _intra_diag_rows(0, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
         for j in range(0, BC):
             b_kn, b_gn = _intra_diag_rows(j + 1, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
-            _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A + i_i * BC, scale)
+            keep = (o_c >= j)[:, None] & m_i
+            a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
+            b_Ad = tl.where(o_c[None, :] == j, a[:, None], b_Ad)
             b_kr, b_gr = b_kn, b_gn
+        tl.store(p_A[:, None] + i_i * BC + o_c[None, :], b_Ad * scale, mask=mask_i[:, None])
     else:
         for j in range(0, BC):
             b_kr, b_gr = _intra_diag_rows(j, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
@@ -264,14 +269,21 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     b_qa = (b_qa * _exp_where(m_a, tl.load(g + p_t, mask=m_a, other=0.) - b_gm[None, :])).to(b_q.dtype)
     b_dk = _exp_where(m_i, b_gm[None, :] - b_gi) * _dot(tl.trans(b_dA_cols), b_qa)
     # the diagonal block, a row and column r at a time
-    if PREFETCH:  # as in chunk_gla_intra_kernel: the next step's rows load while this one's terms are summed
+    if PREFETCH:
+        # as in chunk_gla_intra_kernel, the next step's rows load while this one's terms are summed; and the terms
+        # go into accumulators of their own, added once after the loop (adding each step into the products'
+        # layout converts it through shared memory, with barriers)
+        d_dq = tl.zeros([BC, BK], dtype=tl.float32)
+        d_dk = tl.zeros([BC, BK], dtype=tl.float32)
         b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(0, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i, o_k,
                                                           mask_k, q, k, g, dA)
         for j in range(0, BC):
             n_kr, n_qr, n_gr, n_col, n_row = _bwd_diag_rows(j + 1, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
                                                             o_k, mask_k, q, k, g, dA)
-            b_dq, b_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk)
+            d_dq, d_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, d_dq, d_dk)
             b_kr, b_qr, b_gr, dA_col, dA_row = n_kr, n_qr, n_gr, n_col, n_row
+        b_dq += d_dq
+        b_dk += d_dk
     else:
         for j in range(0, BC):
             b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(j, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
@@ -340,8 +352,9 @@ def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
 
-# PREFETCH (both intra kernels): compiles to the same code as before when off; not yet timed on a GPU (tune_chunk
-# has it among the candidates).
+# PREFETCH (both intra kernels): off, the loops compile to the same code as before; on, the sm_90 SASS of their
+# diagonal loops has no barriers or shared-memory moves left (bf16 K=128), but it is not yet timed on a GPU
+# (tune_chunk has it among the candidates). With float32 inputs ptxas spills the backward's form (2.4 KB a thread).
 def _intra_config(KP, **_):
     # one tile spans K; 8 warps: 0.67 ms summed over the three shapes against 0.87 with 4
     return dict(BT=CHUNK, BC=SUB_CHUNK, PREFETCH=False, num_warps=8, num_stages=1)
