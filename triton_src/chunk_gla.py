@@ -11,11 +11,12 @@ last token), h the state [K, V] at the chunk's start and dh its gradient at the 
     dq_i    = scale * exp(G_i) * (do_i h^T) + sum_j dA[i, j] k_j exp(G_i - G_j)
     dk_j    = exp(G_L - G_j) * (v_j dh^T) + sum_i dA[i, j] q_i exp(G_i - G_j)
 
-The intra-chunk sums differ per key, so they are taken by sub-chunks of BC = 16 rows, one program each: the
-sub-chunks before (or after) a row's own go through a single product, the decay factored through the gate at a
-row between them so that both factors are at most 1 (nothing overflows, and a factor only underflows where the
-product it belongs to is smaller still); the diagonal sub-chunk is summed exactly, column by column. A and dA are
-kept in float32 ([B, T, H, 64]) between kernels, as are the state's shares of dq and dk.
+The intra-chunk sums differ per key, so they are taken by sub-chunks of BC = 16 rows, one program each (in the
+backward, one per sub-chunk and slice of K): the sub-chunks before (or after) a row's own go through a single
+product, the decay factored through the gate at a row between them so that both factors are at most 1 (nothing
+overflows, and a factor only underflows where the product it belongs to is smaller still); the diagonal sub-chunk
+is summed exactly, column by column. A and dA are kept in float32 ([B, T, H, 64]) between kernels, as are the
+state's shares of dq and dk.
 """
 import triton
 import triton.language as tl
