@@ -41,7 +41,7 @@ import triton.language as tl  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.tune_fused_recurrent import CODE, graph_time_us, make_set  # noqa: E402
 from tools.tune_fused_recurrent import launch as frozen_launch  # noqa: E402
-from triton_src.fused_recurrent import _decay, _load_f32  # noqa: E402
+from triton_src.fused_recurrent import _decay, _load_f32, _token_qkv  # noqa: E402
 
 
 @triton.jit
@@ -83,13 +83,7 @@ def persistent_fwd_kernel(q, k, v, g, gk, beta, h0, o, ht, g_dtype, gk_dtype, be
             off_qk = (t * H + i_h) * K
             off_v = (t * H + i_h) * V
             off_g = t * H + i_h
-            b_q = tl.load(q + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
-            b_k = tl.load(k + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
-            b_v = tl.load(v + off_v + o_v, mask=mask_v, other=0.).to(tl.float32)
-            if use_qk_l2norm != 0:
-                b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
-                b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-            b_q = b_q * scale
+            b_q, b_k, b_v = _token_qkv(q, k, v, off_qk, off_v, o_k, o_v, mask_k, mask_v, use_qk_l2norm, scale)
             b_h = _decay(b_h, g, gk, gk, 1., off_g, off_g * K + o_k, off_v + o_v, mask_k, mask_v,
                          g_dtype, 0, gk_dtype, 0)
             if DELTA_RULE:

@@ -47,6 +47,18 @@ def _decay(b_h, g, gk, gv, b_decay_gamma, off_g, off_gk, off_gv, mask_k, mask_v,
 
 
 @triton.jit
+def _token_qkv(q, k, v, off_qk, off_v, o_k, o_v, mask_k, mask_v, use_qk_l2norm, scale):
+    """One token's q (L2-normalised if asked, then scaled), k (normalised if asked) and v, in float32."""
+    b_q = tl.load(q + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
+    b_v = tl.load(v + off_v + o_v, mask=mask_v, other=0.).to(tl.float32)
+    if use_qk_l2norm != 0:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+    return b_q * scale, b_k, b_v
+
+
+@triton.jit
 def fused_recurrent_fwd_kernel(
     q, k, v, g, g_gamma, gk, gv, beta, initial_state, cu_seqlens,
     o, final_state,
@@ -94,14 +106,7 @@ def fused_recurrent_fwd_kernel(
         off_v = (t * HV + i_hv) * V
         off_g = t * HV + i_hv
 
-        b_q = tl.load(q + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
-        b_k = tl.load(k + off_qk + o_k, mask=mask_k, other=0.).to(tl.float32)
-        b_v = tl.load(v + off_v + o_v, mask=mask_v, other=0.).to(tl.float32)
-        if use_qk_l2norm != 0:
-            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
-            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
-        b_q = b_q * scale
-
+        b_q, b_k, b_v = _token_qkv(q, k, v, off_qk, off_v, o_k, o_v, mask_k, mask_v, use_qk_l2norm, scale)
         b_h = _decay(b_h, g, gk, gv, b_decay_gamma, off_g, off_g * K + o_k, off_v + o_v, mask_k, mask_v,
                      g_dtype, g_gamma_dtype, gk_dtype, gv_dtype)
         if DELTA_RULE:
