@@ -94,4 +94,3 @@ def test_unsupported_options():
         ops.chunk_gated_delta_rule(**kw, cp_context=object())
     with pytest.raises(TypeError, match="unexpected argument"):
         ops.chunk_gated_delta_rule(**kw, chunk_size=32)
-

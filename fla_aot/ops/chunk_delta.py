@@ -40,12 +40,6 @@ def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_fin
     return w, states, v_new, ht
 
 
-def _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first, output_dh0):
-    """The reversed state pass: (the state gradients at chunk ends, dv_new, the initial state's gradient)."""
-    return _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments, tabs.chunks, scale,
-                                         state_v_first, output_dh0, _narrow(tabs, do))
-
-
 class ChunkDeltaFunction(torch.autograd.Function):
     """q, k [B, T, H, K], v [B, T, HV, V], beta and g (or None) [B, T, HV], all contiguous, q/k/v 16-bit; tabs:
     fla_aot.ops.chunk._tables(..., split=False)."""
@@ -68,8 +62,9 @@ class ChunkDeltaFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         w, states, v_new, _ = _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, False)
         (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
-        dstates, dv_new, dh0 = _bwd_state(q, k, w, gcum, do, dv_local, dht, tabs, scale, state_v_first,
-                                          initial_state is not None)
+        dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
+                                                             tabs.chunks, scale, state_v_first,
+                                                             initial_state is not None, _narrow(tabs, v))
         dq, dk_state, dw, dG = _ops["chunk_delta_bwd_dqkw"](q, k, v_new, gcum, do, dv_new, states, dstates,
                                                             tabs.chunks, scale)
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)
