@@ -51,12 +51,9 @@ def candidates(name):
     elif name == "chunk_bwd_dv":
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
-    elif name == "chunk_gla_intra":
-        for pf, w, s in itertools.product([False, True], [2, 4, 8], [1, 2]):
-            yield f"PREFETCH={int(pf)} warps={w} stages={s}", {}, dict(PREFETCH=pf, num_warps=w, num_stages=s)
-    elif name == "chunk_gla_bwd_intra":
-        for pf, bk, w in itertools.product([False, True], [32, 64], [2, 4, 8]):
-            yield f"PREFETCH={int(pf)} BK={bk} warps={w}", {}, dict(PREFETCH=pf, BK=bk, num_warps=w, num_stages=1)
+    elif name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+        for bk, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2]):
+            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)

@@ -11,12 +11,14 @@ last token), h the state [K, V] at the chunk's start and dh its gradient at the 
     dq_i    = scale * exp(G_i) * (do_i h^T) + sum_j dA[i, j] k_j exp(G_i - G_j)
     dk_j    = exp(G_L - G_j) * (v_j dh^T) + sum_i dA[i, j] q_i exp(G_i - G_j)
 
-The intra-chunk sums differ per key, so they are taken by sub-chunks of BC = 16 rows, one program each (in the
-backward, one per sub-chunk and slice of K): the sub-chunks before (or after) a row's own go through a single
-product, the decay factored through the gate at a row between them so that both factors are at most 1 (nothing
-overflows, and a factor only underflows where the product it belongs to is smaller still); the diagonal sub-chunk
-is summed exactly, column by column. A and dA are kept in float32 ([B, T, H, 64]) between kernels, as are the
-state's shares of dq and dk.
+The intra-chunk sums differ per key, so exp(G_i - G_j) cannot leave the sum over keys as it does for a scalar gate.
+They are taken on a pairing tree over the chunk's rows instead: at level s (s = 1, 2, ..., 32) each block of 2s
+rows pairs its later s rows i with its earlier s rows j, and exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j) with
+m the first later row, both factors at most 1 (nothing overflows, and a factor underflows only where the product
+it belongs to is smaller still). Every pair j < i meets at exactly one level, so a level's sums are one tensor-core
+product of factored rows, masked to its pairs: log2(64) = 6 products and one exp per element and level, where a
+column at a time needs an exp per element and pair. The diagonal has no decay. A and dA are kept in float32
+([B, T, H, 64]) between kernels, as are the state's shares of dq and dk.
 """
 import triton
 import triton.language as tl
@@ -25,7 +27,6 @@ from tools.kernel_spec import AlignedAxis, BucketAxis, DtypeAxis, Float, OpSpec,
 from triton_src.chunk import CHUNK, FLOAT_DTYPES, K_BUCKETS, _dot
 from triton_src.fused_recurrent import _load_f32
 
-SUB_CHUNK = 16
 
 
 @triton.jit
@@ -55,72 +56,46 @@ def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, B
 
 
 @triton.jit
-def _intra_diag_rows(j, r0, t1, i_h, H, K, BC: tl.constexpr, o_k, mask_k, k, g):
-    """k and G at row r0 + j (zeros past the sequence's end; j = BC, the prefetch after the last step, reads the
-    next sub-chunk's row, unused)."""
-    r = r0 + j
-    m_r = mask_k & (r < t1)
-    return (tl.load(k + (r * H + i_h) * K + o_k, mask=m_r, other=0.).to(tl.float32),
-            tl.load(g + (r * H + i_h) * K + o_k, mask=m_r, other=0.))
-
-
-@triton.jit
-def _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A, scale):
-    """Column j of A's diagonal block from row j's k and G: rows i >= j take scale * sum_k q_ik k_jk exp(G_ik - G_jk)."""
-    keep = (o_c >= j)[:, None] & m_i
-    a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
-    tl.store(p_A + j, a * scale, mask=mask_i)
+def _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.constexpr):
+    """Level s of the chunk's pairing tree: in each block of 2s rows, the s later rows pair with the s earlier
+    ones, and exp(G_i - G_j) of a pair factors through G at m, the first of the later rows. Returns which rows are
+    later, which have a pair at all (the row and m inside the sequence), and e: exp(G_i - G_m) on later rows,
+    exp(G_m - G_j) on earlier ones; the gate only decays, so both are <= 1, and a factor underflows only where the
+    product it belongs to is smaller still."""
+    later = (o_j % (2 * s)) >= s
+    o_m = (o_j // (2 * s)) * (2 * s) + s
+    ok = (t0 + tl.maximum(o_j, o_m) < t1)[:, None] & mask_k[None, :]
+    b_gm = tl.load(g + ((t0 + o_m)[:, None] * H + i_h) * K + o_k[None, :], mask=ok, other=0.)
+    d = b_g - b_gm
+    return later[:, None], ok, tl.exp(tl.where(ok, tl.where(later[:, None], d, -d), 0.))
 
 
 @triton.jit
 def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
-                           KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PREFETCH: tl.constexpr):
-    """The rows of A in sub-chunk i_i: earlier sub-chunks through the gate at the sub-chunk's first row r0
-    (exp(G_i - G_r0) and exp(G_r0 - G_j) are both <= 1), the diagonal block exactly, a column at a time."""
+                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr):
+    """A of one chunk, summed over BK-wide slices of K: the diagonal directly, every other pair (i, j) at the
+    level of the pairing tree where i and j fall in the two halves of one block, as a product of factored rows."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
-    i_i = tl.program_id(1)
-    r0 = t0 + i_i * BC
-    o_c = tl.arange(0, BC)
-    o_i = r0 + o_c
-    mask_i = o_i < t1
     o_j = tl.arange(0, BT)
-    before = (o_j < i_i * BC) & (r0 < t1)  # earlier sub-chunks, when this one has a row
-    o_k = tl.arange(0, KP)
-    mask_k = o_k < K
-    m_i = mask_i[:, None] & mask_k[None, :]
-    p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
-    b_q = tl.load(q + p_i, mask=m_i, other=0.)
-    b_gi = tl.load(g + p_i, mask=m_i, other=0.)
-    b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-    m_j = before[:, None] & mask_k[None, :]
-    p_j = ((t0 + o_j)[:, None] * H + i_h) * K + o_k[None, :]
-    b_k = tl.load(k + p_j, mask=m_j, other=0.)
-    b_qg = (b_q * _exp_where(m_i, b_gi - b_gn[None, :])).to(b_q.dtype)
-    b_kg = (b_k * _exp_where(m_j, b_gn[None, :] - tl.load(g + p_j, mask=m_j, other=0.))).to(b_k.dtype)
-    b_A = _dot(b_qg, tl.trans(b_kg)) * scale
-    p_A = A + (o_i * H + i_h) * BT
-    # earlier sub-chunks, and the zeros right of the diagonal block
-    diag = (o_j >= i_i * BC) & (o_j < i_i * BC + BC)
-    tl.store(p_A[:, None] + o_j[None, :], b_A, mask=mask_i[:, None] & ~diag[None, :])
-
-    b_qf = b_q.to(tl.float32)
-    if PREFETCH:
-        # Triton does not pipeline these row loads, and each column waits on its own: load the next column's
-        # rows before this one's sums, and keep the block in registers (a store per column moves its sums
-        # between layouts through shared memory, with two barriers) to store it once
-        b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
-        b_kr, b_gr = _intra_diag_rows(0, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
-        for j in range(0, BC):
-            b_kn, b_gn = _intra_diag_rows(j + 1, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
-            keep = (o_c >= j)[:, None] & m_i
-            a = tl.sum(tl.where(keep, b_qf * b_kr[None, :] * _exp_where(keep, b_gi - b_gr[None, :]), 0.), 1)
-            b_Ad = tl.where(o_c[None, :] == j, a[:, None], b_Ad)
-            b_kr, b_gr = b_kn, b_gn
-        tl.store(p_A[:, None] + i_i * BC + o_c[None, :], b_Ad * scale, mask=mask_i[:, None])
-    else:
-        for j in range(0, BC):
-            b_kr, b_gr = _intra_diag_rows(j, r0, t1, i_h, H, K, BC, o_k, mask_k, k, g)
-            _intra_diag_column(j, b_kr, b_gr, o_c, mask_i, m_i, b_qf, b_gi, p_A + i_i * BC, scale)
+    o_t = t0 + o_j
+    mask_t = o_t < t1
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        mask_k = o_k < K
+        m = mask_t[:, None] & mask_k[None, :]
+        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p, mask=m, other=0.)
+        b_k = tl.load(k + p, mask=m, other=0.)
+        b_g = tl.load(g + p, mask=m, other=0.)
+        b_A += tl.where(o_j[:, None] == o_j[None, :], _dot(b_q, tl.trans(b_k)), 0.)
+        for lvl in tl.static_range(LEVELS):
+            later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
+            b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
+            b_ke = tl.where(ok & ~later, b_k * e, 0.).to(b_k.dtype)
+            block = (o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1))
+            b_A += tl.where(block, _dot(b_qe, tl.trans(b_ke)), 0.)
+    tl.store(A + (o_t[:, None] * H + i_h) * BT + o_j[None, :], b_A * scale, mask=mask_t[:, None])
 
 
 @triton.jit
@@ -196,108 +171,45 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
 
 
 @triton.jit
-def _bwd_diag_rows(j, r0, t1, i_h, H, K, BT: tl.constexpr, i_i, BC: tl.constexpr, o_c, o_i, mask_i, o_k, mask_k,
-                   q, k, g, dA):
-    """Step j of the diagonal block: k, q and G at row r = r0 + j, dA's column r (rows i >= r) and its row r
-    (columns i <= r); zeros past the sequence's end (j = BC, the prefetch after the last step, masks dA's column
-    off and reads rows it does not use)."""
-    r = r0 + j
-    m_r = mask_k & (r < t1)
-    p_r = (r * H + i_h) * K + o_k
-    return (tl.load(k + p_r, mask=m_r, other=0.).to(tl.float32),
-            tl.load(q + p_r, mask=m_r, other=0.).to(tl.float32),
-            tl.load(g + p_r, mask=m_r, other=0.),
-            tl.load(dA + (o_i * H + i_h) * BT + i_i * BC + j, mask=mask_i & (o_c >= j), other=0.),
-            tl.load(dA + (r * H + i_h) * BT + i_i * BC + o_c, mask=(o_c <= j) & (r < t1), other=0.))
-
-
-@triton.jit
-def _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk):
-    """Rows i >= r of dq take dA[i, r] k_r exp(G_i - G_r), rows i <= r of dk take dA[r, i] q_r exp(G_r - G_i):
-    each row needs only one of the two exponents (both 0 where i = r), so one exp per element serves both."""
-    ge = (o_c >= j)[:, None] & m_i
-    le = (o_c <= j)[:, None] & m_i
-    d = b_gi - b_gr[None, :]
-    e = tl.exp(tl.where(m_i, tl.where(ge, d, -d), 0.))
-    return (b_dq + tl.where(ge, dA_col[:, None] * b_kr[None, :] * e, 0.),
-            b_dk + tl.where(le, dA_row[:, None] * b_qr[None, :] * e, 0.))
-
-
-@triton.jit
 def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
-                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                               PREFETCH: tl.constexpr):
-    """dq, dk of sub-chunk i_i's rows and the BK-wide slice i_k of K: the state's shares plus the intra-chunk sums
-    (earlier sub-chunks for dq through the gate at the sub-chunk's first row, later ones for dk through the gate at
-    its last row, the diagonal block exactly, a row and column at a time); and q.dq - k.dk per key, the gate's
-    gradient before its suffix sum, with its sum over the chunk (dg_chunk, summed over the sub-chunks).
-    The slices of K are independent programs (1.21 against 1.84 ms looping over them in one, B=8 T=2048 on an
-    H200), so the dA tiles are read once per slice."""
+                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr):
+    """dq, dk of one chunk and BK-wide slice i_k of K: the state's shares plus the intra-chunk sums, taken pair by
+    pair as chunk_gla_intra_kernel takes A (each level's pairs as two products of factored rows); and q.dq - k.dk
+    per key, the gate's gradient before its suffix sum, with its sum over the chunk (dg_chunk)."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
-    i_i = tl.program_id(1)
-    i_k = tl.program_id(2)
-    r0 = t0 + i_i * BC
-    o_c = tl.arange(0, BC)
-    o_i = r0 + o_c
-    mask_i = o_i < t1
+    i_k = tl.program_id(1)
     o_j = tl.arange(0, BT)
     o_t = t0 + o_j
-    before = (o_j < i_i * BC) & (r0 < t1)
-    after = (o_j >= (i_i + 1) * BC) & (o_t < t1)
-    r1 = tl.minimum(r0 + BC, t1) - 1  # the sub-chunk's last row (when it has one)
-    b_dA_rows = tl.load(dA + (o_i[:, None] * H + i_h) * BT + o_j[None, :], mask=mask_i[:, None] & before[None, :],
-                        other=0.).to(k.dtype.element_ty)  # [BC, BT]: dA[i, j], j in earlier sub-chunks
-    b_dA_cols = tl.load(dA + (o_t[:, None] * H + i_h) * BT + i_i * BC + o_c[None, :], mask=after[:, None],
-                        other=0.).to(q.dtype.element_ty)  # [BT, BC]: dA[i, j], i in later sub-chunks
+    mask_t = o_t < t1
+    b_dA = tl.load(dA + (o_t[:, None] * H + i_h) * BT + o_j[None, :], mask=mask_t[:, None], other=0.)
     o_k = i_k * BK + tl.arange(0, BK)
     mask_k = o_k < K
-    m_i = mask_i[:, None] & mask_k[None, :]
-    p_i = (o_i[:, None] * H + i_h) * K + o_k[None, :]
-    b_q = tl.load(q + p_i, mask=m_i, other=0.)
-    b_k = tl.load(k + p_i, mask=m_i, other=0.)
-    b_gi = tl.load(g + p_i, mask=m_i, other=0.)
-    p_t = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    # dq_i += sum_j dA[i, j] k_j exp(G_i - G_j), j in earlier sub-chunks
-    b_gn = tl.load(g + (r0 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-    m_b = before[:, None] & mask_k[None, :]
-    b_kb = tl.load(k + p_t, mask=m_b, other=0.)
-    b_kb = (b_kb * _exp_where(m_b, b_gn[None, :] - tl.load(g + p_t, mask=m_b, other=0.))).to(b_k.dtype)
-    b_dq = _exp_where(m_i, b_gi - b_gn[None, :]) * _dot(b_dA_rows, b_kb)
-    # dk_j += sum_i dA[i, j] q_i exp(G_i - G_j), i in later sub-chunks
-    b_gm = tl.load(g + (r1 * H + i_h) * K + o_k, mask=mask_k & (r0 < t1), other=0.)
-    m_a = after[:, None] & mask_k[None, :]
-    b_qa = tl.load(q + p_t, mask=m_a, other=0.)
-    b_qa = (b_qa * _exp_where(m_a, tl.load(g + p_t, mask=m_a, other=0.) - b_gm[None, :])).to(b_q.dtype)
-    b_dk = _exp_where(m_i, b_gm[None, :] - b_gi) * _dot(tl.trans(b_dA_cols), b_qa)
-    # the diagonal block, a row and column r at a time
-    if PREFETCH:
-        # as in chunk_gla_intra_kernel, the next step's rows load while this one's terms are summed; and the terms
-        # go into accumulators of their own, added once after the loop (adding each step into the products'
-        # layout converts it through shared memory, with barriers)
-        d_dq = tl.zeros([BC, BK], dtype=tl.float32)
-        d_dk = tl.zeros([BC, BK], dtype=tl.float32)
-        b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(0, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i, o_k,
-                                                          mask_k, q, k, g, dA)
-        for j in range(0, BC):
-            n_kr, n_qr, n_gr, n_col, n_row = _bwd_diag_rows(j + 1, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
-                                                            o_k, mask_k, q, k, g, dA)
-            d_dq, d_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, d_dq, d_dk)
-            b_kr, b_qr, b_gr, dA_col, dA_row = n_kr, n_qr, n_gr, n_col, n_row
-        b_dq += d_dq
-        b_dk += d_dk
-    else:
-        for j in range(0, BC):
-            b_kr, b_qr, b_gr, dA_col, dA_row = _bwd_diag_rows(j, r0, t1, i_h, H, K, BT, i_i, BC, o_c, o_i, mask_i,
-                                                              o_k, mask_k, q, k, g, dA)
-            b_dq, b_dk = _bwd_diag_terms(j, b_kr, b_qr, b_gr, dA_col, dA_row, o_c, m_i, b_gi, b_dq, b_dk)
-
-    b_dq += tl.load(dq_inter + p_i, mask=m_i, other=0.)
-    b_dk += tl.load(dk_inter + p_i, mask=m_i, other=0.)
-    tl.store(dq + p_i, b_dq.to(dq.dtype.element_ty), mask=m_i)
-    tl.store(dk + p_i, b_dk.to(dk.dtype.element_ty), mask=m_i)
-    b_dg = tl.where(m_i, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
-    tl.store(dg + p_i, b_dg, mask=m_i)
-    tl.atomic_add(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
+    m = mask_t[:, None] & mask_k[None, :]
+    p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p, mask=m, other=0.)
+    b_k = tl.load(k + p, mask=m, other=0.)
+    b_g = tl.load(g + p, mask=m, other=0.)
+    # the diagonal (no decay), in float32
+    b_dAd = tl.sum(tl.where(o_j[:, None] == o_j[None, :], b_dA, 0.), 1)[:, None]
+    b_dq = b_dAd * b_k.to(tl.float32)
+    b_dk = b_dAd * b_q.to(tl.float32)
+    for lvl in tl.static_range(LEVELS):
+        # dq_i += e_i sum_j dA[i, j] (k_j e_j) over later rows i, dk_j += e_j sum_i dA[i, j] (q_i e_i) over earlier j
+        later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
+        b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
+        b_ke = tl.where(ok & ~later, b_k * e, 0.).to(b_k.dtype)
+        pair = (((o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1)))
+                & ((o_j[:, None] >> lvl) % 2 == 1) & ((o_j[None, :] >> lvl) % 2 == 0))
+        b_dAl = tl.where(pair, b_dA, 0.).to(b_q.dtype)
+        b_dq += e * _dot(b_dAl, b_ke)
+        b_dk += e * _dot(tl.trans(b_dAl), b_qe)
+    b_dq += tl.load(dq_inter + p, mask=m, other=0.)
+    b_dk += tl.load(dk_inter + p, mask=m, other=0.)
+    tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=m)
+    tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
+    b_dg = tl.where(m, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
+    tl.store(dg + p, b_dg, mask=m)
+    tl.store(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
 
 
 @triton.jit
@@ -353,17 +265,15 @@ def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
 
-# PREFETCH (both intra kernels): off, the loops compile to the same code as before; on, the sm_90 SASS of their
-# diagonal loops has no barriers or shared-memory moves left (bf16 K=128), but it is not yet timed on a GPU
-# (tune_chunk has it among the candidates). With float32 inputs ptxas spills the backward's form (2.4 KB a thread).
+LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHUNK rows
+
+
 def _intra_config(KP, **_):
-    # one tile spans K; 8 warps: 0.67 ms summed over the three shapes against 0.87 with 4
-    return dict(BT=CHUNK, BC=SUB_CHUNK, PREFETCH=False, num_warps=8, num_stages=1)
+    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=1)
 
 
 def _bwd_intra_config(KP, **_):
-    # B=8 T=2048 on an H200, one launch: 1.21 ms; BK=64: 1.25; 8 warps: 1.85; 2 warps: 1.38 (docs/tuning/chunk.md)
-    return dict(BK=min(KP, 32), BT=CHUNK, BC=SUB_CHUNK, PREFETCH=False, num_warps=4, num_stages=1)
+    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=1)
 
 
 def _fwd_o_config(KP, **_):
@@ -406,7 +316,7 @@ SPECS = [
         outputs=[Output("A", f"B T H {CHUNK}", dtype="float32")],
         axes=_AXES_QK,
         launch_config=_intra_config,
-        grid=["C * H", f"cdiv({CHUNK}, BC)"],
+        grid=["C * H"],
     ),
     OpSpec(
         name="chunk_gla_fwd_o",
@@ -442,10 +352,10 @@ SPECS = [
               Tensor("dq_inter", "B T H K", dtypes=["float32"]), Tensor("dk_inter", "B T H K", dtypes=["float32"]),
               _CHUNKS],
         outputs=[Output("dq", "B T H K", dtype_of="q"), Output("dk", "B T H K", dtype_of="q"),
-                 Output("dg", "B T H K", dtype="float32"), Output("dg_chunk", "C H K", dtype="float32", zeros=True)],
+                 Output("dg", "B T H K", dtype="float32"), Output("dg_chunk", "C H K", dtype="float32")],
         axes=_AXES_QK,
         launch_config=_bwd_intra_config,
-        grid=["C * H", f"cdiv({CHUNK}, BC)", "cdiv(K, BK)"],
+        grid=["C * H", "cdiv(K, BK)"],
     ),
     OpSpec(
         name="chunk_gla_bwd_dv",
