@@ -89,7 +89,7 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
         b_k = tl.load(k + p, mask=m, other=0.)
         b_g = tl.load(g + p, mask=m, other=0.)
         b_A += tl.where(o_j[:, None] == o_j[None, :], _dot(b_q, tl.trans(b_k)), 0.)
-        for lvl in tl.static_range(LEVELS):
+        for lvl in range(LEVELS):
             later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
             b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
             b_ke = tl.where(ok & ~later, b_k * e, 0.).to(b_k.dtype)
@@ -193,7 +193,7 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     b_dAd = tl.sum(tl.where(o_j[:, None] == o_j[None, :], b_dA, 0.), 1)[:, None]
     b_dq = b_dAd * b_k.to(tl.float32)
     b_dk = b_dAd * b_q.to(tl.float32)
-    for lvl in tl.static_range(LEVELS):
+    for lvl in range(LEVELS):
         # dq_i += e_i sum_j dA[i, j] (k_j e_j) over later rows i, dk_j += e_j sum_i dA[i, j] (q_i e_i) over earlier j
         later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
         b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
@@ -269,11 +269,11 @@ LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHU
 
 
 def _intra_config(KP, **_):
-    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=1)
+    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, num_warps=8, num_stages=1)
 
 
 def _bwd_intra_config(KP, **_):
-    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=1)
+    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, num_warps=8, num_stages=1)
 
 
 def _fwd_o_config(KP, **_):
