@@ -109,6 +109,20 @@ def test_chunk_forward_and_backward(interpreted, case):
         assert rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
+@pytest.mark.parametrize("case", ["gla_keys_in_slices", "gla_varlen"])
+def test_gla_small_key_slices(monkeypatch, case, request):
+    """GLA's kernels with 16-wide slices of K (the scan's BKS, the intra kernels' BK): the slices' programs
+    together give the same results."""
+    sizes = {"chunk_gla_scan": "BKS", "chunk_gla_intra": "BK", "chunk_gla_bwd_intra": "BK"}
+    for spec in chunk_src.SPECS + chunk_gla_src.SPECS:
+        if spec.name in sizes:
+            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, size=sizes[spec.name], **axes:
+                                dict(base(**axes), **{size: 16}))
+            assert all(v["constexprs"][sizes[spec.name]] == 16 for v in spec.variants())
+    request.getfixturevalue("interpreted")
+    test_chunk_forward_and_backward(None, case)
+
+
 def test_tables_split_long_sequences():
     tabs = chunk._Tables((0, 300, 64), 2, "cpu")
     # sequence 0 is empty but keeps a segment (its state passes through); 300 tokens = 5 chunks = 3 segments
