@@ -111,9 +111,9 @@ def test_chunk_forward_and_backward(interpreted, case):
 
 @pytest.mark.parametrize("case", ["gla_keys_in_slices", "gla_varlen"])
 def test_gla_small_key_slices(monkeypatch, case, request):
-    """GLA's kernels with 16-wide slices of K (the scan's BKS, the intra kernels' BK): the slices' programs
-    together give the same results."""
-    sizes = {"chunk_gla_scan": "BKS", "chunk_gla_intra": "BK", "chunk_gla_bwd_intra": "BK"}
+    """GLA's intra kernels with 16-wide slices of K: the slices (a loop in the forward, programs of their own in
+    the backward) together give the same results."""
+    sizes = {"chunk_gla_intra": "BK", "chunk_gla_bwd_intra": "BK"}
     for spec in chunk_src.SPECS + chunk_gla_src.SPECS:
         if spec.name in sizes:
             monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, size=sizes[spec.name], **axes:

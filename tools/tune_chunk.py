@@ -70,8 +70,8 @@ def candidates(name):
         for bk, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_gla_scan":
-        for bks, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4], [1, 2]):
-            yield f"BKS={bks} BV={bv} warps={w} stages={s}", {}, dict(BKS=bks, BV=bv, num_warps=w, num_stages=s)
+        for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
+            yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
 
 
 def step_times(B, T, kernel_names, steps=3, op="simple_gla"):

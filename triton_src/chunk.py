@@ -93,19 +93,15 @@ def chunk_scan_kernel(
     o, states, ht, seg_decay,
     g_dtype, g_gamma_dtype, h0_dtype,
     scale, H, K, V, state_v_first, store_states, output_ht, reverse,
-    BK: tl.constexpr, BKS: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr,
-    GATE_K: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr, GATE_K: tl.constexpr,
 ):
     """One segment's chunks in order. Forward (x = k, y = v): h is the state; with WRITE_O, o from q.
     reverse (x = q, y = do): h is the state's gradient, chunks walked backwards. store_states keeps h as
     each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels.
     GATE_K: GLA's per-key gate (g = its running sum per chunk; its outputs come from triton_src/chunk_gla.py, so
-    never with WRITE_O). Each key's row of h evolves on its own, so without outputs (which sum over all keys) a
-    program takes a BKS-wide slice of K: more programs to fill the GPU with, each chunk's y read once per slice."""
-    tl.static_assert(BKS == BK or not WRITE_O)
+    never with WRITE_O)."""
     i_sh = tl.program_id(0)
     i_v = tl.program_id(1)
-    i_k = tl.program_id(2)
     i_s = i_sh // H
     i_h = i_sh % H
     bos = tl.load(segments + i_s * 4 + 1).to(tl.int64)
@@ -113,7 +109,7 @@ def chunk_scan_kernel(
     c0 = tl.load(segments + i_s * 4 + 3).to(tl.int64)
     NT = tl.cdiv((eos - bos).to(tl.int32), BT)
 
-    o_k = i_k * BKS + tl.arange(0, BKS)
+    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     mask_k = o_k < K
     mask_v = o_v < V
@@ -121,10 +117,10 @@ def chunk_scan_kernel(
     o_state = o_k[:, None] * V + o_v[None, :]
     o_user = _state_offsets(o_k, o_v, K, V, state_v_first)
 
-    b_h = tl.zeros([BKS, BV], dtype=tl.float32)
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if h0_dtype != 0:
         b_h += tl.load(h0 + (i_s * H + i_h).to(tl.int64) * K * V + o_user, mask=mask_h, other=0.)
-    b_decay = tl.zeros([BKS], dtype=tl.float32)  # the segment's total log decay (per key for GLA)
+    b_decay = tl.zeros([BK], dtype=tl.float32)  # the segment's total log decay (per key for GLA)
 
     for i in range(0, NT):
         i_c = i
@@ -305,15 +301,11 @@ def chunk_bwd_dv_kernel(
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
 
-def _scan_config(BK, WRITE_O=False, **_):
-    # the state tile [BKS, BV] in float32 plus a chunk of x, y (and q) per step; BV=64, 4 warps, 2 stages was the
-    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output) over all of K
-    return dict(BKS=BK, BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, num_warps=4, num_stages=2)
-
-
-def _gla_scan_config(BK, **_):
-    # GLA's pass (per-key gates, no output): slices of K (see docs/tuning/chunk.md)
-    return dict(_scan_config(BK), BKS=min(BK, 64), WRITE_O=False, num_stages=1)
+def _scan_config(BK, **_):
+    # the state tile [BK, BV] in float32 plus a chunk of x, y (and q) per step; BV=64, 4 warps, 2 stages was the
+    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output); GLA's pass
+    # (per-key gates, no output) is fastest with 1 stage
+    return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, num_warps=4, num_stages=2)
 
 
 def _combine_config(BK, **_):
@@ -364,8 +356,9 @@ def _scan_spec(name, gates, gate_k):
             Output("seg_decay", "S H K", dtype="float32", when="output_ht"),
         ],
         axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *write_o_axis, AlignedAxis(["K", "V"])],
-        launch_config=lambda **axes: dict(_gla_scan_config(**axes) if gate_k else _scan_config(**axes), GATE_K=gate_k),
-        grid=["S * H", "cdiv(V, BV)", "cdiv(K, BKS)"],
+        launch_config=lambda **axes: dict(_scan_config(**axes), GATE_K=gate_k,
+                                          **(dict(WRITE_O=False, num_stages=1) if gate_k else {})),
+        grid=["S * H", "cdiv(V, BV)"],
     )
 
 
