@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 import fla_aot.ops.chunk as chunk  # noqa: E402
 from fla_aot.reference import fused_recurrent_reference  # noqa: E402
+from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, TOL  # noqa: E402
 from tests.fused_recurrent_cases import rel_err  # noqa: E402
 from triton_src import chunk as chunk_src, chunk_gla as chunk_gla_src  # noqa: E402
 
@@ -121,6 +122,30 @@ def test_gla_small_key_slices(monkeypatch, case, request):
             assert all(v["constexprs"][sizes[spec.name]] == 16 for v in spec.variants())
     request.getfixturevalue("interpreted")
     test_chunk_forward_and_backward(None, case)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_gla_half_inputs(monkeypatch, tf32, request):
+    """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, against float64."""
+    for spec in chunk_gla_src.SPECS:
+        if spec.name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
+                                dict(base(**axes), TF32=tf32))
+            assert all(v["constexprs"]["TF32"] == tf32 for v in spec.variants())
+    request.getfixturevalue("interpreted")
+    torch.manual_seed(0)
+    B, T, H, K, V = 1, 150, 2, 32, 16
+    q, k, v = (torch.randn(B, T, H, D).half() for D in (K, K, V))
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0)
+    h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
+    do = torch.randn(B, T, H, V).half()
+    o, ht, leaves = _run(q, k, v, g, None, h0, (T,), 100, gla=True)
+    ref_o, ref_ht, ref_leaves = _reference(q, k, v, g, None, h0, (T,), False, do, dht, gla=True)
+    assert rel_err(o, ref_o) < TOL[torch.float16] and rel_err(ht, ref_ht) < TOL[torch.float16]
+    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+    for name, x, ref in zip("q k v g h0".split(), leaves, ref_leaves):
+        tol = (G_GRAD_TOL if name == "g" else GRAD_TOL)[torch.float16]
+        assert torch.isfinite(x.grad).all() and rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
 def test_tables_split_long_sequences():

@@ -52,8 +52,9 @@ def candidates(name):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
-        for bk, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2]):
-            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
+        for tf32, bk, w, s in itertools.product([False, True], [32, 64], [4, 8], [1, 2]):
+            yield (f"TF32={int(tf32)} BK={bk} warps={w} stages={s}", {},
+                   dict(TF32=tf32, BK=bk, num_warps=w, num_stages=s))
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)

@@ -56,6 +56,27 @@ def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, B
 
 
 @triton.jit
+def _tree_operand(x, like, TF32: tl.constexpr):
+    # the tree's factored rows (float32) as its products take them: kept for float32 inputs and for tf32 (TF32),
+    # else rounded to the inputs' 16-bit dtype (bfloat16: 7 bits of mantissa, tf32: 10)
+    if like.dtype == tl.float32 or TF32:
+        return x
+    else:
+        return x.to(like.dtype)
+
+
+@triton.jit
+def _tree_dot(a, b, like, TF32: tl.constexpr):
+    # exact products for float32 inputs; for 16-bit ones, tensor cores in tf32 or in the inputs' dtype
+    if like.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    elif TF32:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.constexpr):
     """Level s of the chunk's pairing tree: in each block of 2s rows, the s later rows pair with the s earlier
     ones, and exp(G_i - G_j) of a pair factors through G at m, the first of the later rows. Returns which rows are
@@ -72,7 +93,8 @@ def _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.constexpr):
 
 @triton.jit
 def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
-                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr):
+                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
+                           TF32: tl.constexpr):
     """A of one chunk, summed over BK-wide slices of K: the diagonal directly, every other pair (i, j) at the
     level of the pairing tree where i and j fall in the two halves of one block, as a product of factored rows."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
@@ -91,10 +113,10 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
         b_A += tl.where(o_j[:, None] == o_j[None, :], _dot(b_q, tl.trans(b_k)), 0.)
         for lvl in range(LEVELS):
             later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
-            b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
-            b_ke = tl.where(ok & ~later, b_k * e, 0.).to(b_k.dtype)
+            b_qe = _tree_operand(tl.where(ok & later, b_q * e, 0.), b_q, TF32)
+            b_ke = _tree_operand(tl.where(ok & ~later, b_k * e, 0.), b_k, TF32)
             block = (o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1))
-            b_A += tl.where(block, _dot(b_qe, tl.trans(b_ke)), 0.)
+            b_A += tl.where(block, _tree_dot(b_qe, tl.trans(b_ke), b_q, TF32), 0.)
     tl.store(A + (o_t[:, None] * H + i_h) * BT + o_j[None, :], b_A * scale, mask=mask_t[:, None])
 
 
@@ -172,7 +194,8 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
 
 @triton.jit
 def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
-                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr):
+                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
+                               TF32: tl.constexpr):
     """dq, dk of one chunk and BK-wide slice i_k of K: the state's shares plus the intra-chunk sums, taken pair by
     pair as chunk_gla_intra_kernel takes A (each level's pairs as two products of factored rows); and q.dq - k.dk
     per key, the gate's gradient before its suffix sum, with its sum over the chunk (dg_chunk)."""
@@ -196,13 +219,13 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     for lvl in range(LEVELS):
         # dq_i += e_i sum_j dA[i, j] (k_j e_j) over later rows i, dk_j += e_j sum_i dA[i, j] (q_i e_i) over earlier j
         later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
-        b_qe = tl.where(ok & later, b_q * e, 0.).to(b_q.dtype)
-        b_ke = tl.where(ok & ~later, b_k * e, 0.).to(b_k.dtype)
+        b_qe = _tree_operand(tl.where(ok & later, b_q * e, 0.), b_q, TF32)
+        b_ke = _tree_operand(tl.where(ok & ~later, b_k * e, 0.), b_k, TF32)
         pair = (((o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1)))
                 & ((o_j[:, None] >> lvl) % 2 == 1) & ((o_j[None, :] >> lvl) % 2 == 0))
-        b_dAl = tl.where(pair, b_dA, 0.).to(b_q.dtype)
-        b_dq += e * _dot(b_dAl, b_ke)
-        b_dk += e * _dot(tl.trans(b_dAl), b_qe)
+        b_dAl = _tree_operand(tl.where(pair, b_dA, 0.), b_q, TF32)
+        b_dq += e * _tree_dot(b_dAl, b_ke, b_q, TF32)
+        b_dk += e * _tree_dot(tl.trans(b_dAl), b_qe, b_q, TF32)
     b_dq += tl.load(dq_inter + p, mask=m, other=0.)
     b_dk += tl.load(dk_inter + p, mask=m, other=0.)
     tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=m)
@@ -270,13 +293,16 @@ LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHU
 
 # B=8 T=2048 on an H200, in forward + backward (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
 # 0.427; the column loop before: 0.611), the backward 0.757 (BK=64, 8 warps: 0.816; before: 1.393). With float32
-# inputs these spill (ptxas, sm_90): a correctness path, not tuned.
+# inputs these spill (ptxas, sm_90): a correctness path, not tuned. TF32 (off: not yet timed) takes the tree's
+# products in tf32: in the CPU interpreter with float32 inputs and the products' operands rounded to 7 bits
+# (bfloat16) the gate's gradient at T=2048 was 6.0e-2 from float64, with 10 bits (float16, as tf32) 9.0e-3 (dq, dk: 3.2e-3
+# and 1.5e-4); fla-core 0.6.0's bfloat16 gradients differ from these kernels' by 4.9e-2 at B=8 T=2048 (H200).
 def _intra_config(KP, **_):
-    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=2)
+    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4, num_stages=2)
 
 
 def _bwd_intra_config(KP, **_):
-    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, num_warps=4, num_stages=1)
+    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4, num_stages=1)
 
 
 def _fwd_o_config(KP, **_):
