@@ -45,6 +45,14 @@ def _exp_where(mask, x):
 
 
 @triton.jit
+def _key_slice(i_k, BK: tl.constexpr, K, o_t, mask_t, i_h, H):
+    """Slice i_k of K over the chunk's tokens o_t: its keys, their mask, the tile's mask and offsets in [B, T, H, K]."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    mask_k = o_k < K
+    return o_k, mask_k, mask_t[:, None] & mask_k[None, :], (o_t[:, None] * H + i_h) * K + o_k[None, :]
+
+
+@triton.jit
 def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, BT: tl.constexpr):
     """GLA's gate summed up to each token of its chunk, per key, in float32."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
@@ -103,10 +111,7 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
     mask_t = o_t < t1
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mask_k = o_k < K
-        m = mask_t[:, None] & mask_k[None, :]
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
         b_q = tl.load(q + p, mask=m, other=0.)
         b_k = tl.load(k + p, mask=m, other=0.)
         b_g = tl.load(g + p, mask=m, other=0.)
@@ -134,10 +139,7 @@ def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
     state_base = i_ch.to(tl.int64) * K * V  # states [C, H, K, V]
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mask_k = o_k < K
-        m = mask_t[:, None] & mask_k[None, :]
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
         b_q = tl.load(q + p, mask=m, other=0.)
         b_g = tl.load(g + p, mask=m, other=0.)
         b_h = tl.load(states + state_base + o_k[:, None] * V + o_v[None, :],
@@ -205,10 +207,7 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     o_t = t0 + o_j
     mask_t = o_t < t1
     b_dA = tl.load(dA + (o_t[:, None] * H + i_h) * BT + o_j[None, :], mask=mask_t[:, None], other=0.)
-    o_k = i_k * BK + tl.arange(0, BK)
-    mask_k = o_k < K
-    m = mask_t[:, None] & mask_k[None, :]
-    p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
     b_q = tl.load(q + p, mask=m, other=0.)
     b_k = tl.load(k + p, mask=m, other=0.)
     b_g = tl.load(g + p, mask=m, other=0.)
@@ -250,10 +249,7 @@ def chunk_gla_bwd_dv_kernel(k, g, do, dstates, A, chunks, dv, H, K, V,
     state_base = i_ch.to(tl.int64) * K * V  # states [C, H, K, V]
     b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        mask_k = o_k < K
-        m = mask_t[:, None] & mask_k[None, :]
-        p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+        o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
         b_k = tl.load(k + p, mask=m, other=0.)
         b_g = tl.load(g + p, mask=m, other=0.)
         b_gl = tl.load(g + ((t1 - 1) * H + i_h) * K + o_k, mask=mask_k, other=0.)
