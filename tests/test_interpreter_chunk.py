@@ -148,6 +148,19 @@ def test_gla_half_inputs(monkeypatch, tf32, request):
         assert torch.isfinite(x.grad).all() and rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
+@pytest.mark.parametrize("case", [name for name, c in CASES.items() if c[-1] < 5])
+def test_split_fixup_by_correction(monkeypatch, case, request):
+    """Split state passes with chunk_fixup (SPLIT_FIXUP="correct") in place of the second scan give the same
+    results (the backward's reverse pass too, and the forward of GLA, which writes no outputs in its scan)."""
+    monkeypatch.setattr(chunk, "SPLIT_FIXUP", "correct")
+    calls = []
+    request.getfixturevalue("interpreted")
+    run = chunk._ops["chunk_fixup"]
+    monkeypatch.setitem(chunk._ops, "chunk_fixup", lambda *args: calls.append(1) or run(*args))
+    test_chunk_forward_and_backward(None, case)
+    assert calls
+
+
 def test_tables_split_long_sequences():
     tabs = chunk._Tables((0, 300, 64), 2, "cpu")
     # sequence 0 is empty but keeps a segment (its state passes through); 300 tokens = 5 chunks = 3 segments
@@ -155,4 +168,5 @@ def test_tables_split_long_sequences():
                                       [2, 300, 364, 5]]
     assert tabs.seg_offsets.tolist() == [0, 1, 4, 5]
     assert tabs.chunks[:, 1:3].tolist() == [[0, 64], [64, 128], [128, 192], [192, 256], [256, 300], [300, 364]]
+    assert tabs.chunks[:, 3].tolist() == [1, 1, 2, 2, 3, 4]  # each chunk's segment
     assert not tabs.single and chunk._Tables((0, 300, 64), 5, "cpu").single

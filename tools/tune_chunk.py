@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times launch configs of the chunk kernels (triton_src/chunk*.py) on the GPU, through Triton's JIT.
 
-    python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--kernels chunk_gla_scan,...] [--no-split]
+    python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--kernels chunk_gla_scan,...] [--no-split] [--fixup]
     python tools/tune_chunk.py --breakdown gla      # the GPU time of each kernel, frozen configs
 
 Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
@@ -102,6 +102,8 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--kernels", default="chunk_scan,chunk_bwd_dqk,chunk_bwd_dv")
     p.add_argument("--no-split", action="store_true", help="skip timing the segment split")
+    p.add_argument("--fixup", action="store_true",
+                   help="time the split passes' two fix-ups (fla_aot.ops.chunk.SPLIT_FIXUP) over simple_gla and gla")
     p.add_argument("--breakdown", default=None, choices=["simple_gla", "gla", "delta"],
                    help="only list the GPU time of every kernel of this op's forward + backward, per shape")
     args = p.parse_args()
@@ -132,7 +134,16 @@ def main():
     chunk.SEGMENTS_PER_SM = 1
     chunk._TABLES.clear()
 
-    for name in args.kernels.split(","):
+    # split passes: a second scan, or the first scan's states corrected (the whole forward + backward)
+    for op, mode in itertools.product(["simple_gla", "gla"] if args.fixup else [], ["rescan", "correct"]):
+        chunk.SPLIT_FIXUP = mode
+        times = [sum(step_times(B, T, list(kernel_of.values()), op=op).values()) for B, T in SHAPES]
+        rows.append(f"| {op} (fwd+bwd) | SPLIT_FIXUP={mode} | " + " | ".join(f"{t:.3f}" for t in times)
+                    + f" | {sum(times):.3f} |")
+        print(rows[-1], flush=True)
+    chunk.SPLIT_FIXUP = "rescan"
+
+    for name in filter(None, args.kernels.split(",")):
         results = []
         for label, when, override in candidates(name):
             install(name, jit_runner(specs[name], override, when))

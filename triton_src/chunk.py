@@ -10,8 +10,9 @@ last token) and h the state [K, V] at the chunk's start:
 The chunk-to-chunk state pass is a linear recurrence, so long sequences are split into segments scanned in
 parallel: `chunk_scan` run over each segment from a zero state gives the segment's own final state and total
 decay, `chunk_combine` walks the segments of a sequence to get each segment's starting state, and a second
-`chunk_scan` from those states writes the outputs (or the per-chunk states the backward needs). A sequence
-that is one segment takes the second scan only. Segment and chunk tables (int32, built by fla_aot/ops/chunk.py)
+`chunk_scan` from those states writes the outputs (or the per-chunk states the backward needs); or, with no
+outputs to write, `chunk_fixup` adds each segment's starting state, decayed, to the states of the first scan
+(fla_aot/ops/chunk.py, SPLIT_FIXUP). A sequence that is one segment takes the second scan only. Segment and chunk tables (int32, built by fla_aot/ops/chunk.py)
 carry the sequence boundaries, so varlen batches and fixed-length ones run the same code.
 """
 import triton
@@ -90,14 +91,16 @@ def _state_offsets(o_k, o_v, K, V, v_first):
 @triton.jit
 def chunk_scan_kernel(
     x, y, q, g, g_gamma, h0, segments,
-    o, states, ht, seg_decay,
+    o, states, ht, seg_decay, chunk_decay,
     g_dtype, g_gamma_dtype, h0_dtype,
-    scale, H, K, V, state_v_first, store_states, output_ht, reverse,
+    scale, H, K, V, state_v_first, store_states, output_ht, reverse, store_decay,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr, GATE_K: tl.constexpr,
 ):
     """One segment's chunks in order. Forward (x = k, y = v): h is the state; with WRITE_O, o from q.
     reverse (x = q, y = do): h is the state's gradient, chunks walked backwards. store_states keeps h as
-    each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels.
+    each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels;
+    store_decay also keeps the segment's log decay up to there (chunk_decay: what chunk_fixup scales a segment's
+    starting state by, to add it to states taken from a zero start).
     GATE_K: GLA's per-key gate (g = its running sum per chunk; its outputs come from triton_src/chunk_gla.py, so
     never with WRITE_O)."""
     i_sh = tl.program_id(0)
@@ -138,6 +141,8 @@ def chunk_scan_kernel(
         if store_states != 0:
             p_s = states + ((c0 + i_c) * H + i_h) * K * V + o_state
             tl.store(p_s, b_h.to(states.dtype.element_ty), mask=mask_h)
+            if store_decay != 0 and i_v == 0:
+                tl.store(chunk_decay + ((c0 + i_c) * H + i_h) * K + o_k, b_decay, mask=mask_k)
         if WRITE_O:
             # a compile-time branch: on sm_90 Triton 3.6 computed wrong outputs with these dots under a run-time if
             b_q = tl.load(q + (o_t[:, None] * H + i_h) * K + o_k[None, :],
@@ -197,6 +202,26 @@ def chunk_combine_kernel(
         b_h = b_h * tl.exp(b_d)[:, None] + tl.load(local + base + o_state, mask=mask_h, other=0.)
     if output_ht != 0:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_user, b_h, mask=mask_h)
+
+
+@triton.jit
+def chunk_fixup_kernel(local, chunk_decay, seg_init, chunks, states, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A split pass's states from the states each segment saw from a zero start: plus the segment's starting
+    state decayed up to the chunk (the state's recurrence is linear, and without outputs nothing else changes)."""
+    i_ch = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_s = tl.load(chunks + (i_ch // H) * 4 + 3)  # the chunk's segment
+    i_h = i_ch % H
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_h = mask_k[:, None] & (o_v < V)[None, :]
+    o_state = o_k[:, None] * V + o_v[None, :]
+    b_d = tl.exp(tl.load(chunk_decay + i_ch.to(tl.int64) * K + o_k, mask=mask_k, other=0.))
+    b_h0 = tl.load(seg_init + (i_s * H + i_h).to(tl.int64) * K * V + o_state, mask=mask_h, other=0.)
+    p = i_ch.to(tl.int64) * K * V + o_state
+    b_h = tl.load(local + p, mask=mask_h, other=0.).to(tl.float32) + b_d[:, None] * b_h0
+    tl.store(states + p, b_h.to(states.dtype.element_ty), mask=mask_h)
 
 
 @triton.jit
@@ -348,12 +373,14 @@ def _scan_spec(name, gates, gate_k):
             Bool("store_states"),
             Bool("output_ht"),
             Bool("reverse"),
+            Bool("store_decay"),
         ],
         outputs=[
             Output("o", "B T H V", dtype_of="y", when="write_o"),
             Output("states", "C H K V", dtype_of="x", when="store_states"),
             Output("ht", "S H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
             Output("seg_decay", "S H K", dtype="float32", when="output_ht"),
+            Output("chunk_decay", "C H K", dtype="float32", when="store_decay"),
         ],
         axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *write_o_axis, AlignedAxis(["K", "V"])],
         launch_config=lambda **axes: dict(_scan_config(**axes), GATE_K=gate_k,
@@ -409,6 +436,21 @@ SPECS = [
         outputs=[Output("dv", "B T H V", dtype_of="q")],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_dv_config,
+        grid=["C * H", "cdiv(V, BV)"],
+    ),
+    OpSpec(
+        name="chunk_fixup",
+        kernel=chunk_fixup_kernel,
+        doc="A split state pass's per-chunk states, from each segment's zero-start ones and its starting state.",
+        args=[
+            Tensor("local", "C H K V", dtypes=FLOAT_DTYPES),
+            Tensor("chunk_decay", "C H K", dtypes=["float32"]),
+            Tensor("seg_init", "S H K V", dtypes=["float32"]),
+            Tensor("chunks", "C CF", dtypes=["int32"]),
+        ],
+        outputs=[Output("states", "C H K V", dtype_of="local")],
+        axes=[DtypeAxis("local"), BucketAxis("BK", "K", K_BUCKETS)],
+        launch_config=_combine_config,
         grid=["C * H", "cdiv(V, BV)"],
     ),
     OpSpec(

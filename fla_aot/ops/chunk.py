@@ -21,7 +21,7 @@ from fla_aot.reference import fused_recurrent_reference
 CHUNK = 64
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
-_ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_bwd_dqk", "chunk_bwd_dv",
+_ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_fixup", "chunk_bwd_dqk", "chunk_bwd_dv",
                                      "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
                                      "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
                                      "chunk_gla_gate_grad")}
@@ -30,12 +30,17 @@ _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_bwd_d
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
 SEGMENTS_PER_SM = 1
 MIN_SEGMENT_CHUNKS = 8
+# A split pass's per-chunk states (without outputs): "rescan" walks every segment again from its starting
+# state; "correct" keeps the zero-start states of the first walk and adds the starting state, decayed, to each
+# (chunk_fixup: a read and a write of the states instead of a second walk over k, v and the gates). Not yet
+# timed against each other on a GPU (tools/tune_chunk.py --fixup).
+SPLIT_FIXUP = "rescan"
 
 
 class _Tables:
     """Where the chunks and segments of a batch lie, as the kernels read them (int32 on the device):
     segments [S, 4] = (sequence, first token, end token, first chunk), chunks [C, 4] = (sequence, first token,
-    end token, 0), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence and chunk ->
+    end token, segment), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence and chunk ->
     sequence maps for the gate gradient."""
 
     def __init__(self, lengths, seg_chunks, device):
@@ -44,7 +49,9 @@ class _Tables:
         for n, length in enumerate(lengths):
             nt = -(-length // CHUNK)
             c0 = len(chunks)
-            chunks += [(n, bos + i * CHUNK, min(bos + (i + 1) * CHUNK, bos + length), 0) for i in range(nt)]
+            s0 = len(segments)
+            chunks += [(n, bos + i * CHUNK, min(bos + (i + 1) * CHUNK, bos + length), s0 + i // seg_chunks)
+                       for i in range(nt)]
             step = seg_chunks * CHUNK
             segments += [(n, bos + s * step, min(bos + (s + 1) * step, bos + length), c0 + s * seg_chunks)
                          for s in range(max(1, -(-nt // seg_chunks)))]
@@ -104,14 +111,20 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
     write_o = q is not None
     scan = _ops["chunk_gla_scan" if gla else "chunk_scan"]
     if tabs.single:
-        o, states, ht, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
-                                write_o, store_states, output_ht, reverse)
+        o, states, ht, _, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
+                                   write_o, store_states, output_ht, reverse, False)
         return o, states, ht
-    _, _, local, decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False,
-                              False, False, True, reverse)
+    # split: each segment from a zero start, then every segment's starting state from the segments before it
+    fixup = not write_o and SPLIT_FIXUP == "correct"
+    _, local_states, local, decay, chunk_decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks,
+                                                      scale, False, False, store_states and fixup, True, reverse,
+                                                      store_states and fixup)
     seg_init, ht = _ops["chunk_combine"](local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
-    o, states, _, _ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
-                           write_o, store_states, False, reverse)
+    if fixup:
+        states = _ops["chunk_fixup"](local_states, chunk_decay, seg_init, tabs.chunks)[0] if store_states else None
+        return None, states, ht
+    o, states, _, _, _ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
+                              write_o, store_states, False, reverse, False)
     return o, states, ht
 
 
