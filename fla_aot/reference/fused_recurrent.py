@@ -45,34 +45,43 @@ def fused_recurrent_reference(q, k, v, g=None, g_gamma=None, gk=None, gv=None, b
     if beta is not None and beta_sigmoid:
         beta = torch.sigmoid(beta)
     decay_gamma = None if g_gamma is None else torch.exp(g_gamma.to(acc))[:, None, None]
+    device = q.device
+    # per-token views, split once: indexing x[b, t] at every step would make autograd add a gradient the size of
+    # all of x per step (quadratic in T)
+    q, k, v, g, gk, gv, beta = (None if x is None else [xb.unbind(0) for xb in x.unbind(0)]
+                                for x in (q, k, v, g, gk, gv, beta))
 
-    o = torch.zeros(B, T, HV, V, dtype=acc, device=q.device)
+    # each token's output, stacked at the end (written into one tensor in place, autograd would copy its whole
+    # gradient at every step)
+    zero = torch.zeros(HV, V, dtype=acc, device=device)
+    rows = [[zero] * T for _ in range(B)]
     seqs = _sequences(T, B, cu_seqlens)
     finals = []
     for n, (b, bos, eos) in enumerate(seqs):
-        S = torch.zeros(HV, K, V, dtype=acc, device=q.device)
+        S = torch.zeros(HV, K, V, dtype=acc, device=device)
         if initial_state is not None:
             h0 = initial_state[n].to(acc)
             S = S + (h0.transpose(-1, -2) if state_v_first else h0)
         steps = range(eos - 1, bos - 1, -1) if reverse else range(bos, eos)
         for t in steps:
             if g is not None:
-                S = S * torch.exp(g[b, t])[:, None, None]
+                S = S * torch.exp(g[b][t])[:, None, None]
             if decay_gamma is not None:
                 S = S * decay_gamma
             if gk is not None:
-                S = S * torch.exp(gk[b, t])[:, :, None]
+                S = S * torch.exp(gk[b][t])[:, :, None]
             if gv is not None:
-                S = S * torch.exp(gv[b, t])[:, None, :]
-            kt, vt = k[b, t], v[b, t]
+                S = S * torch.exp(gv[b][t])[:, None, :]
+            kt, vt = k[b][t], v[b][t]
             if delta_rule:
-                bt = torch.ones(HV, dtype=acc, device=q.device) if beta is None else beta[b, t]
+                bt = torch.ones(HV, dtype=acc, device=device) if beta is None else beta[b][t]
                 if allow_neg_eigval:
                     bt = bt * 2
                 vt = bt[:, None] * (vt - torch.einsum("hk,hkv->hv", kt, S))
             S = S + kt[:, :, None] * vt[:, None, :]
-            o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t], S)
+            rows[b][t] = scale * torch.einsum("hk,hkv->hv", q[b][t], S)
         finals.append(S.transpose(-1, -2) if state_v_first else S)
+    o = torch.stack([torch.stack(r) for r in rows]) if T else torch.zeros(B, 0, HV, V, dtype=acc, device=device)
     final = None
     if output_final_state:
         final = torch.stack(finals) if finals else torch.zeros(0, HV, *((V, K) if state_v_first else (K, V)), dtype=acc)
