@@ -56,7 +56,8 @@ def candidates(name):
             yield (f"TF32={int(tf32)} BK={bk} warps={w} stages={s}", {},
                    dict(TF32=tf32, BK=bk, num_warps=w, num_stages=s))
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
-        for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
+        # BV=128: one program per chunk reads q (or k) and the gates once instead of once per slice of V
+        for bk, bv, w, s in itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name in ("chunk_delta_state", "chunk_delta_bwd_state"):
         for bv, w, s in itertools.product([16, 32, 64], [4, 8], [1, 2, 3]):
@@ -71,7 +72,7 @@ def candidates(name):
         for bk, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_gla_scan":
-        for bv, w, s in itertools.product([32, 64], [4, 8], [1, 2, 3]):
+        for bv, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2, 3]):
             yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
 
 
