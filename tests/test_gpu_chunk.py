@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fla_aot.ops as ops
+import fla_aot.ops.chunk as chunk
 from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, make_inputs, reference, rel_err, to_f64
 
 pytestmark = pytest.mark.gpu
@@ -156,6 +157,18 @@ def test_split_with_partial_segments(op, cu):
     """1000 tokens: segments of whole chunks and a last, partial chunk in a partial segment."""
     kw = make_inputs(op, B=1, T=1000, H=2, K=64, V=64, dtype=torch.float32, device=DEV, cu_seqlens=cu)
     run_and_check(op, kw)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("cu", [None, [0, 530, 530, 1000]])
+def test_split_fixup_by_correction(monkeypatch, op, cu):
+    """SPLIT_FIXUP="correct": chunk_fixup in place of the split passes' second scan, output and every gradient."""
+    monkeypatch.setattr(chunk, "SPLIT_FIXUP", "correct")
+    calls, fixup = [], chunk._ops["chunk_fixup"]
+    monkeypatch.setitem(chunk._ops, "chunk_fixup", lambda *args: calls.append(1) or fixup(*args))
+    check_gradients(op, make_inputs(op, B=1, T=1000, H=2, K=64, V=64, dtype=torch.float32, device=DEV,
+                                    cu_seqlens=cu))
+    assert calls
 
 
 def test_long_sequence_strong_gates_and_state_v_first():
