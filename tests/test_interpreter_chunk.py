@@ -110,16 +110,21 @@ def test_chunk_forward_and_backward(interpreted, case):
         assert rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
+def _override_intra_configs(monkeypatch, **config):
+    """GLA's two intra kernels with `config` over their frozen launch configs, before the `interpreted` fixture
+    binds the specs."""
+    for spec in chunk_gla_src.SPECS:
+        if spec.name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
+                                dict(base(**axes), **config))
+            assert all(v["constexprs"][n] == x for v in spec.variants() for n, x in config.items())
+
+
 @pytest.mark.parametrize("case", ["gla_keys_in_slices", "gla_varlen"])
 def test_gla_small_key_slices(monkeypatch, case, request):
     """GLA's intra kernels with 16-wide slices of K: the slices (a loop in the forward, programs of their own in
     the backward) together give the same results."""
-    sizes = {"chunk_gla_intra": "BK", "chunk_gla_bwd_intra": "BK"}
-    for spec in chunk_src.SPECS + chunk_gla_src.SPECS:
-        if spec.name in sizes:
-            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, size=sizes[spec.name], **axes:
-                                dict(base(**axes), **{size: 16}))
-            assert all(v["constexprs"][sizes[spec.name]] == 16 for v in spec.variants())
+    _override_intra_configs(monkeypatch, BK=16)
     request.getfixturevalue("interpreted")
     test_chunk_forward_and_backward(None, case)
 
@@ -127,11 +132,7 @@ def test_gla_small_key_slices(monkeypatch, case, request):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_gla_half_inputs(monkeypatch, tf32, request):
     """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, against float64."""
-    for spec in chunk_gla_src.SPECS:
-        if spec.name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
-            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
-                                dict(base(**axes), TF32=tf32))
-            assert all(v["constexprs"]["TF32"] == tf32 for v in spec.variants())
+    _override_intra_configs(monkeypatch, TF32=tf32)
     request.getfixturevalue("interpreted")
     torch.manual_seed(0)
     B, T, H, K, V = 1, 150, 2, 32, 16

@@ -12,8 +12,9 @@ parallel: `chunk_scan` run over each segment from a zero state gives the segment
 decay, `chunk_combine` walks the segments of a sequence to get each segment's starting state, and a second
 `chunk_scan` from those states writes the outputs (or the per-chunk states the backward needs); or, with no
 outputs to write, `chunk_fixup` adds each segment's starting state, decayed, to the states of the first scan
-(fla_aot/ops/chunk.py, SPLIT_FIXUP). A sequence that is one segment takes the second scan only. Segment and chunk tables (int32, built by fla_aot/ops/chunk.py)
-carry the sequence boundaries, so varlen batches and fixed-length ones run the same code.
+(fla_aot/ops/chunk.py, SPLIT_FIXUP). A sequence that is one segment takes the second scan only. Segment and
+chunk tables (int32, built by fla_aot/ops/chunk.py) carry the sequence boundaries, so varlen batches and
+fixed-length ones run the same code.
 """
 import triton
 import triton.language as tl

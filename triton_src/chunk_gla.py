@@ -28,7 +28,6 @@ from triton_src.chunk import CHUNK, FLOAT_DTYPES, K_BUCKETS, _dot
 from triton_src.fused_recurrent import _load_f32
 
 
-
 @triton.jit
 def _chunk_bounds(chunks, i_ch, H):
     # (head, first token, end token) of the chunk x head program i_ch
@@ -85,18 +84,21 @@ def _tree_dot(a, b, like, TF32: tl.constexpr):
 
 
 @triton.jit
-def _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.constexpr):
+def _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.constexpr, TF32: tl.constexpr):
     """Level s of the chunk's pairing tree: in each block of 2s rows, the s later rows pair with the s earlier
-    ones, and exp(G_i - G_j) of a pair factors through G at m, the first of the later rows. Returns which rows are
-    later, which have a pair at all (the row and m inside the sequence), and e: exp(G_i - G_m) on later rows,
-    exp(G_m - G_j) on earlier ones; the gate only decays, so both are <= 1, and a factor underflows only where the
-    product it belongs to is smaller still."""
-    later = (o_j % (2 * s)) >= s
+    ones, and exp(G_i - G_j) of a pair factors through G at m, the first of the later rows: e = exp(G_i - G_m) on
+    later rows, exp(G_m - G_j) on earlier ones (the gate only decays, so both are <= 1, and a factor underflows
+    only where the product it belongs to is smaller still). Returns e and the factored rows as the tree's products
+    take them: q e on the later rows, k e on the earlier ones, zero elsewhere and where a row or m lies past the
+    sequence's end."""
+    later = ((o_j % (2 * s)) >= s)[:, None]
     o_m = (o_j // (2 * s)) * (2 * s) + s
     ok = (t0 + tl.maximum(o_j, o_m) < t1)[:, None] & mask_k[None, :]
     b_gm = tl.load(g + ((t0 + o_m)[:, None] * H + i_h) * K + o_k[None, :], mask=ok, other=0.)
     d = b_g - b_gm
-    return later[:, None], ok, tl.exp(tl.where(ok, tl.where(later[:, None], d, -d), 0.))
+    e = tl.exp(tl.where(ok, tl.where(later, d, -d), 0.))
+    return (e, _tree_operand(tl.where(ok & later, b_q * e, 0.), b_q, TF32),
+            _tree_operand(tl.where(ok & ~later, b_k * e, 0.), b_k, TF32))
 
 
 @triton.jit
@@ -117,9 +119,7 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
         b_g = tl.load(g + p, mask=m, other=0.)
         b_A += tl.where(o_j[:, None] == o_j[None, :], _dot(b_q, tl.trans(b_k)), 0.)
         for lvl in range(LEVELS):
-            later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
-            b_qe = _tree_operand(tl.where(ok & later, b_q * e, 0.), b_q, TF32)
-            b_ke = _tree_operand(tl.where(ok & ~later, b_k * e, 0.), b_k, TF32)
+            _, b_qe, b_ke = _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl, TF32)
             block = (o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1))
             b_A += tl.where(block, _tree_dot(b_qe, tl.trans(b_ke), b_q, TF32), 0.)
     tl.store(A + (o_t[:, None] * H + i_h) * BT + o_j[None, :], b_A * scale, mask=mask_t[:, None])
@@ -217,9 +217,7 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
     b_dk = b_dAd * b_q.to(tl.float32)
     for lvl in range(LEVELS):
         # dq_i += e_i sum_j dA[i, j] (k_j e_j) over later rows i, dk_j += e_j sum_i dA[i, j] (q_i e_i) over earlier j
-        later, ok, e = _level_decay(g, b_g, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl)
-        b_qe = _tree_operand(tl.where(ok & later, b_q * e, 0.), b_q, TF32)
-        b_ke = _tree_operand(tl.where(ok & ~later, b_k * e, 0.), b_k, TF32)
+        e, b_qe, b_ke = _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl, TF32)
         pair = (((o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1)))
                 & ((o_j[:, None] >> lvl) % 2 == 1) & ((o_j[None, :] >> lvl) % 2 == 0))
         b_dAl = _tree_operand(tl.where(pair, b_dA, 0.), b_q, TF32)
@@ -287,12 +285,13 @@ def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
 LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHUNK rows
 
 
-# B=8 T=2048 on an H200, in forward + backward (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
-# 0.427; the column loop before: 0.611), the backward 0.757 (BK=64, 8 warps: 0.816; before: 1.393). With float32
-# inputs these spill (ptxas, sm_90): a correctness path, not tuned. TF32 (off: not yet timed) takes the tree's
-# products in tf32: in the CPU interpreter with float32 inputs and the products' operands rounded to 7 bits
-# (bfloat16) the gate's gradient at T=2048 was 6.0e-2 from float64, with 10 bits (float16, as tf32) 9.0e-3 (dq, dk: 3.2e-3
-# and 1.5e-4); fla-core 0.6.0's bfloat16 gradients differ from these kernels' by 4.9e-2 at B=8 T=2048 (H200).
+# B=8 T=2048 on an H200, per forward + backward step (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
+# 0.427; the column loop before: 0.667, 0.611 in its PREFETCH form), the backward 0.757 (BK=64, 8 warps: 0.816;
+# before: 1.799, PREFETCH 1.393). With float32 inputs these spill (ptxas, sm_90): a correctness path, not tuned.
+# TF32 (off: not yet timed) takes the tree's products in tf32. In the CPU interpreter (float32 inputs, T=2048, the
+# operands rounded as the products would round them) the gate's gradient was 6.0e-2 from float64 with 7 bits of
+# mantissa (bfloat16; dq, dk 3.2e-3), 9.0e-3 with 10 (float16, as tf32 keeps; dq 1.5e-4); fla-core 0.6.0's
+# bfloat16 gradients differ from these kernels' by 4.9e-2 at B=8 T=2048 (H200).
 def _intra_config(KP, **_):
     return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4, num_stages=2)
 
