@@ -159,16 +159,18 @@ def test_split_with_partial_segments(op, cu):
     run_and_check(op, kw)
 
 
+@pytest.mark.parametrize("mode", ["rescan", "correct"])
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("cu", [None, [0, 530, 530, 1000]])
-def test_split_fixup_by_correction(monkeypatch, op, cu):
-    """SPLIT_FIXUP="correct": chunk_fixup in place of the split passes' second scan, output and every gradient."""
-    monkeypatch.setattr(chunk, "SPLIT_FIXUP", "correct")
+def test_split_fixup_modes(monkeypatch, op, cu, mode):
+    """Either fix-up of the split passes (SPLIT_FIXUP) for both scans, a second scan or chunk_fixup correcting the
+    first scan's states: output and every gradient."""
+    monkeypatch.setattr(chunk, "SPLIT_FIXUP", dict.fromkeys(chunk.SPLIT_FIXUP, mode))
     calls, fixup = [], chunk._ops["chunk_fixup"]
     monkeypatch.setitem(chunk._ops, "chunk_fixup", lambda *args: calls.append(1) or fixup(*args))
     check_gradients(op, make_inputs(op, B=1, T=1000, H=2, K=64, V=64, dtype=torch.float32, device=DEV,
                                     cu_seqlens=cu))
-    assert calls
+    assert bool(calls) == (mode == "correct")
 
 
 def test_long_sequence_strong_gates_and_state_v_first():

@@ -149,17 +149,19 @@ def test_gla_half_inputs(monkeypatch, tf32, request):
         assert torch.isfinite(x.grad).all() and rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
+@pytest.mark.parametrize("mode", ["rescan", "correct"])
 @pytest.mark.parametrize("case", [name for name, c in CASES.items() if c[-1] < 5])
-def test_split_fixup_by_correction(monkeypatch, case, request):
-    """Split state passes with chunk_fixup (SPLIT_FIXUP="correct") in place of the second scan give the same
-    results (the backward's reverse pass too, and the forward of GLA, which writes no outputs in its scan)."""
-    monkeypatch.setattr(chunk, "SPLIT_FIXUP", "correct")
+def test_split_fixup_modes(monkeypatch, case, mode, request):
+    """Split state passes give the same results with either fix-up (SPLIT_FIXUP) for both scans: a second scan,
+    or chunk_fixup correcting the first scan's states (the backward's reverse pass too, and the forward of GLA,
+    which writes no outputs in its scan)."""
+    monkeypatch.setattr(chunk, "SPLIT_FIXUP", dict.fromkeys(chunk.SPLIT_FIXUP, mode))
     calls = []
     request.getfixturevalue("interpreted")
     run = chunk._ops["chunk_fixup"]
     monkeypatch.setitem(chunk._ops, "chunk_fixup", lambda *args: calls.append(1) or run(*args))
     test_chunk_forward_and_backward(None, case)
-    assert calls
+    assert bool(calls) == (mode == "correct")
 
 
 def test_tables_split_long_sequences():

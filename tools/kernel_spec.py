@@ -101,7 +101,7 @@ class OpSpec:
     args: list
     outputs: list
     axes: list
-    launch_config: Callable                # constexprs of the axes -> dict(extra constexprs, num_warps, num_stages)
+    launch_config: Callable                # constexprs of the axes, dtype= -> dict(extra constexprs, num_warps, num_stages)
     grid: list                             # up to 3 strings: products of symbols and cdiv(symbol, CONSTEXPR)
     doc: str = ""
     divisible: list = field(default_factory=list)      # (a, b): symbol a must be a multiple of symbol b
@@ -181,7 +181,8 @@ class OpSpec:
                     constexprs[ax.constexpr] = val
                     guards.append({"kind": "bool", "arg": self.arg_index(ax.arg), "value": val})
                     key.append(f"{ax.constexpr}{int(val)}")
-            cfg = dict(self.launch_config(**constexprs))
+            # the config may depend on the element type too (a float32 tile takes twice the registers)
+            cfg = dict(self.launch_config(**constexprs, dtype=next(iter(dtypes.values()), None)))
             options = {"num_warps": cfg.pop("num_warps", 4), "num_stages": cfg.pop("num_stages", 1)}
             constexprs.update(cfg)
             out.append({

@@ -135,14 +135,15 @@ def main():
     chunk.SEGMENTS_PER_SM = 1
     chunk._TABLES.clear()
 
+    frozen_fixup = dict(chunk.SPLIT_FIXUP)
     # split passes: a second scan, or the first scan's states corrected (the whole forward + backward)
     for op, mode in itertools.product(["simple_gla", "gla"] if args.fixup else [], ["rescan", "correct"]):
-        chunk.SPLIT_FIXUP = mode
+        chunk.SPLIT_FIXUP = dict.fromkeys(frozen_fixup, mode)
         times = [sum(step_times(B, T, list(kernel_of.values()), op=op).values()) for B, T in SHAPES]
         rows.append(f"| {op} (fwd+bwd) | SPLIT_FIXUP={mode} | " + " | ".join(f"{t:.3f}" for t in times)
                     + f" | {sum(times):.3f} |")
         print(rows[-1], flush=True)
-    chunk.SPLIT_FIXUP = "rescan"
+    chunk.SPLIT_FIXUP = frozen_fixup
 
     for name in filter(None, args.kernels.split(",")):
         results = []

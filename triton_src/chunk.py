@@ -329,9 +329,21 @@ def chunk_bwd_dv_kernel(
 
 def _scan_config(BK, **_):
     # the state tile [BK, BV] in float32 plus a chunk of x, y (and q) per step; BV=64, 4 warps, 2 stages was the
-    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output); GLA's pass
-    # (per-key gates, no output) is fastest with 1 stage
+    # fastest of BV 32/64 x warps 4/8 x stages 1-3 in both modes (with and without the output)
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[BK], BT=CHUNK, num_warps=4, num_stages=2)
+
+
+def _gla_scan_config(BK, dtype, **_):
+    # GLA's pass (per-key gates, no output), H200, chunk_gla fwd+bwd at K=128: the whole state row per program
+    # (BV=128, 8 warps, 3 stages) 0.376 / 0.789 / 1.389 ms against 0.536 / 1.155 / 2.223 for BV=64, 4 warps,
+    # 2 stages: each chunk's keys and gates are read once, not once per slice of V. float32 and K=256 take
+    # narrower tiles, on 8 warps: by the sm_90 resource report, the widest that do not spill (4 warps spilled
+    # 8 KB a thread in float32 at K=128, 0.6 KB in bf16 at K=256).
+    if BK == 256:
+        return dict(BV=32, BT=CHUNK, num_warps=8, num_stages=1)
+    if dtype == "float32":
+        return dict(BV=64, BT=CHUNK, num_warps=8, num_stages=1)
+    return dict(BV=128, BT=CHUNK, num_warps=8, num_stages=3)
 
 
 def _combine_config(BK, **_):
@@ -384,8 +396,8 @@ def _scan_spec(name, gates, gate_k):
             Output("chunk_decay", "C H K", dtype="float32", when="store_decay"),
         ],
         axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *write_o_axis, AlignedAxis(["K", "V"])],
-        launch_config=lambda **axes: dict(_scan_config(**axes), GATE_K=gate_k,
-                                          **(dict(WRITE_O=False, num_stages=1) if gate_k else {})),
+        launch_config=lambda **axes: dict(_gla_scan_config(**axes), GATE_K=True, WRITE_O=False) if gate_k
+        else dict(_scan_config(**axes), GATE_K=False),
         grid=["S * H", "cdiv(V, BV)"],
     )
 

@@ -30,11 +30,12 @@ _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_fixup
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
 SEGMENTS_PER_SM = 1
 MIN_SEGMENT_CHUNKS = 8
-# A split pass's per-chunk states (without outputs): "rescan" walks every segment again from its starting
-# state; "correct" keeps the zero-start states of the first walk and adds the starting state, decayed, to each
-# (chunk_fixup: a read and a write of the states instead of a second walk over k, v and the gates). Not yet
-# timed against each other on a GPU (tools/tune_chunk.py --fixup).
-SPLIT_FIXUP = "rescan"
+# A split pass's per-chunk states (without outputs), per scan kernel: "rescan" walks every segment again from its
+# starting state; "correct" keeps the zero-start states of the first walk and adds the starting state, decayed, to
+# each (chunk_fixup: a read and a write of the states instead of a second walk over k, v and the gates).
+# tools/tune_chunk.py --fixup, H200, fwd+bwd ms at B2T8192 / B1T32768: GLA 3.093 / 6.041 rescan, 2.940 / 5.743
+# correct; simple GLA (scalar gates, a cheap walk) 1.194 / 2.361 rescan, 1.249 / 2.486 correct.
+SPLIT_FIXUP = {"chunk_scan": "rescan", "chunk_gla_scan": "correct"}
 
 
 class _Tables:
@@ -109,13 +110,14 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
     o from q when given. reverse: x = q, y = do and h0 the final state's gradient; then "final" is the
     gradient of the initial state and the stored states are the gradients at each chunk's end."""
     write_o = q is not None
-    scan = _ops["chunk_gla_scan" if gla else "chunk_scan"]
+    scan_name = "chunk_gla_scan" if gla else "chunk_scan"
+    scan = _ops[scan_name]
     if tabs.single:
         o, states, ht, _, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
                                    write_o, store_states, output_ht, reverse, False)
         return o, states, ht
     # split: each segment from a zero start, then every segment's starting state from the segments before it
-    fixup = not write_o and SPLIT_FIXUP == "correct"
+    fixup = not write_o and SPLIT_FIXUP[scan_name] == "correct"
     _, local_states, local, decay, chunk_decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks,
                                                       scale, False, False, store_states and fixup, True, reverse,
                                                       store_states and fixup)
