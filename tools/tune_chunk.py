@@ -36,7 +36,9 @@ def install(name, runner):
 
 def family(name):
     """The op whose forward + backward runs the kernel `name`."""
-    return "gla" if name.startswith("chunk_gla") else "delta" if name.startswith("chunk_delta") else "simple_gla"
+    if name.startswith("chunk_gla") or name == "chunk_fixup":  # only GLA's split passes correct their states
+        return "gla"
+    return "delta" if name.startswith("chunk_delta") else "simple_gla"
 
 
 def candidates(name):
@@ -71,6 +73,9 @@ def candidates(name):
     elif name == "chunk_delta_bwd_dqkw":
         for bk, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name == "chunk_fixup":  # memory-bound: a state tile read, corrected and written per program
+        for bv, w in itertools.product([16, 32, 64, 128], [4, 8]):
+            yield f"BV={bv} warps={w}", {}, dict(BV=bv, num_warps=w, num_stages=1)
     elif name == "chunk_gla_scan":
         for bv, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2, 3]):
             yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
