@@ -101,7 +101,8 @@ class OpSpec:
     args: list
     outputs: list
     axes: list
-    launch_config: Callable                # constexprs of the axes, dtype= -> dict(extra constexprs, num_warps, num_stages)
+    # constexprs of the axes and dtype= (its first dtype axis' type) -> dict(extra constexprs, num_warps, num_stages)
+    launch_config: Callable
     grid: list                             # up to 3 strings: products of symbols and cdiv(symbol, CONSTEXPR)
     doc: str = ""
     divisible: list = field(default_factory=list)      # (a, b): symbol a must be a multiple of symbol b
