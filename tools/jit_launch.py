@@ -48,8 +48,8 @@ def jit_runner(spec, override=None, when=None):
 
 
 def kernel_times_ms(step, kernel_names, steps=3):
-    """GPU time per call of `step` (after one warm-up call) of each named kernel, summed over its launches, from
-    torch.profiler: ms by name."""
+    """GPU time per call of `step` (after one warm-up call) of each named kernel (every kernel: None), summed over
+    its launches, from torch.profiler: ms by name."""
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -59,4 +59,6 @@ def kernel_times_ms(step, kernel_names, steps=3):
     totals = {}
     for ev in prof.key_averages():
         totals[ev.key] = totals.get(ev.key, 0.0) + ev.device_time_total
+    if kernel_names is None:
+        kernel_names = [n for n, t in totals.items() if t > 0]
     return {n: totals.get(n, 0.0) / steps / 1e3 for n in kernel_names}

@@ -3,6 +3,7 @@
 
     python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--kernels chunk_gla_scan,...] [--no-split] [--fixup]
     python tools/tune_chunk.py --breakdown gla      # the GPU time of each kernel, frozen configs
+    python tools/tune_chunk.py --breakdown gla --aot  # the same for the installed package's cubins (what ships)
 
 Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
 forward + backward (bf16, H=16, K=V=128) at the benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
@@ -53,7 +54,10 @@ def candidates(name):
     elif name == "chunk_bwd_dv":
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
-    elif name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+    elif name == "chunk_gla_intra":  # TF32 timed and left off (docs/tuning/chunk.md)
+        for bk, w, s in itertools.product([16, 32, 64], [4, 8], [1, 2]):
+            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
+    elif name == "chunk_gla_bwd_intra":
         for tf32, bk, w, s in itertools.product([False, True], [32, 64], [4, 8], [1, 2]):
             yield (f"TF32={int(tf32)} BK={bk} warps={w} stages={s}", {},
                    dict(TF32=tf32, BK=bk, num_warps=w, num_stages=s))
@@ -112,17 +116,23 @@ def main():
                    help="time the split passes' two fix-ups (fla_aot.ops.chunk.SPLIT_FIXUP) over simple_gla and gla")
     p.add_argument("--breakdown", default=None, choices=["simple_gla", "gla", "delta"],
                    help="only list the GPU time of every kernel of this op's forward + backward, per shape")
+    p.add_argument("--aot", action="store_true",
+                   help="with --breakdown: time the installed cubins, and torch's own kernels besides, instead of "
+                        "JIT launches (a kernel compiled without what Triton's JIT specialises on differs)")
     args = p.parse_args()
     specs = {s.name: s for s in SPECS}
-    for name in list(chunk._ops) + list(chunk_delta._ops):
-        install(name, jit_runner(specs[name]))
+    if not (args.breakdown and args.aot):
+        for name in list(chunk._ops) + list(chunk_delta._ops):
+            install(name, jit_runner(specs[name]))
     kernel_of = {s.name: s.kernel.fn.__name__ for s in SPECS}
     if args.breakdown:  # where the time goes, with the frozen configs
-        per_shape = [step_times(B, T, list(kernel_of.values()), op=args.breakdown) for B, T in SHAPES]
+        names = None if args.aot else list(kernel_of.values())
+        per_shape = [step_times(B, T, names, op=args.breakdown) for B, T in SHAPES]
         rows = ["| kernel | " + " | ".join(f"B{B} T{T} ms" for B, T in SHAPES) + " |", "|---|" + "---|" * len(SHAPES)]
-        for kernel in sorted(set(kernel_of.values()), key=lambda k: -sum(t[k] for t in per_shape)):
-            if any(t[kernel] for t in per_shape):
-                rows.append(f"| {kernel} | " + " | ".join(f"{t[kernel]:.3f}" for t in per_shape) + " |")
+        listed = set().union(*per_shape)
+        for kernel in sorted(listed, key=lambda k: -sum(t.get(k, 0.0) for t in per_shape)):
+            if any(t.get(kernel) for t in per_shape):
+                rows.append(f"| {kernel[:80]} | " + " | ".join(f"{t.get(kernel, 0.0):.3f}" for t in per_shape) + " |")
         rows.append("| all | " + " | ".join(f"{sum(t.values()):.3f}" for t in per_shape) + " |")
         print("\n".join(rows))
         return
