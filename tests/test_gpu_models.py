@@ -21,6 +21,9 @@ CASES = {
     "delta_net": ("DeltaNetConfig", "DeltaNetForCausalLM", dict()),
     "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", dict(head_dim=64, expand_v=1.0)),
 }
+# one xdist worker per model under --dist loadgroup: each of fla's kernels then JIT-compiles and autotunes in one
+# process only (tens of seconds each), and the four models' tests run side by side
+MODELS = [pytest.param(case, marks=pytest.mark.xdist_group(f"fla_{case}")) for case in sorted(CASES)]
 
 
 def rel(a, b):
@@ -48,7 +51,7 @@ def ids(B, T, seed):
 
 
 @pytest.mark.parametrize("T", [32, 160])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MODELS)
 def test_logits_match_fla(case, T):
     fla_model, ours = pair(case)
     x = ids(2, T, 1)
@@ -57,7 +60,7 @@ def test_logits_match_fla(case, T):
     assert rel(got, want) < 2e-2
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MODELS)
 def test_left_padded_logits_match_fla(case):
     fla_model, ours = pair(case)
     x = ids(2, 80, 2)
@@ -69,7 +72,7 @@ def test_left_padded_logits_match_fla(case):
     assert rel(got[0], want[0]) < 2e-2 and rel(got[1, 30:], want[1, 30:]) < 2e-2
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MODELS)
 def test_greedy_generation_matches_fla(case):
     fla_model, ours = pair(case)
     x = ids(2, 24, 3)
@@ -91,7 +94,7 @@ def test_greedy_generation_matches_fla(case):
             break
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MODELS)
 def test_cuda_logits_equal_cpu_reference_float32(case):
     _, ours = pair(case, torch.float32)
     x = ids(2, 40, 4)
@@ -101,7 +104,7 @@ def test_cuda_logits_equal_cpu_reference_float32(case):
     assert rel(got.cpu(), want) < 5e-3
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MODELS)
 def test_cuda_decode_and_padding_float32(case):
     _, ours = pair(case, torch.float32)
     x = ids(2, 20, 5)
