@@ -4,8 +4,8 @@
 #
 #   tools/gpu_session.sh build tests "bench chunk.py --ops gla" "bench fused_recurrent.py"
 #
-# Steps: build (pip install -e ., kernels for this GPU only); tests [pytest args] (the GPU tests, -m gpu; default: all of tests/;
-# with -n N, add --dist loadgroup so that the tests against fla's JIT models share one worker and autotune once);
+# Steps: build (pip install -e ., kernels for this GPU only); tests [pytest args] (the GPU tests, -m gpu; default: all
+# of tests/; with -n N add --dist loadgroup, so that each fla model's tests share one worker and autotune once);
 # bench <script> [args] (benchmarks/<script>, results under $OUT/benchmarks unless args name another --out); any other word runs as a shell command.
 # STEP_TIMEOUT=<seconds> caps each step after the build (a step cut off exits 124 and the next one runs).
 # Wheels under .whl/ (fla-core, to compare against) are installed into /tmp/site first, when present.

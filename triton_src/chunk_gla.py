@@ -104,7 +104,8 @@ def _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, s: tl.con
 @triton.jit
 def _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k):
     """Offsets into [B, T, H, K] of the chunk's rows `rows` [X, Y] (rows past t1 masked) x keys o_k, and their mask."""
-    return ((t0 + rows)[:, :, None] * H + i_h) * K + o_k[None, None, :], ((t0 + rows) < t1)[:, :, None] & mask_k[None, None, :]
+    offsets = ((t0 + rows)[:, :, None] * H + i_h) * K + o_k[None, None, :]
+    return offsets, ((t0 + rows) < t1)[:, :, None] & mask_k[None, None, :]
 
 
 @triton.jit
