@@ -149,6 +149,23 @@ def test_gla_half_inputs(monkeypatch, tf32, request):
         assert torch.isfinite(x.grad).all() and rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
+@pytest.mark.parametrize("case", [name for name in CASES if name.startswith("gla")])
+def test_gla_fused_forward(monkeypatch, case, request):
+    """GLA's forward in one kernel (FUSED_GLA_FWD: chunk_gla_fwd instead of chunk_gla_intra and chunk_gla_fwd_o)
+    gives the same results; narrow slices of V make its loop over them run too."""
+    monkeypatch.setattr(chunk, "FUSED_GLA_FWD", True)
+    for spec in chunk_gla_src.SPECS:
+        if spec.name == "chunk_gla_fwd":
+            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
+                                dict(base(**axes), BV=16))
+    request.getfixturevalue("interpreted")
+    calls = []
+    run = chunk._ops["chunk_gla_fwd"]
+    monkeypatch.setitem(chunk._ops, "chunk_gla_fwd", lambda *args: calls.append(1) or run(*args))
+    test_chunk_forward_and_backward(None, case)
+    assert calls
+
+
 @pytest.mark.parametrize("mode", ["rescan", "correct"])
 @pytest.mark.parametrize("case", [name for name, c in CASES.items() if c[-1] < 5])
 def test_split_fixup_modes(monkeypatch, case, mode, request):

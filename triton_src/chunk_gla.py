@@ -159,14 +159,12 @@ def _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK: tl.constexpr, 
 
 
 @triton.jit
-def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
-                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
-                           TF32: tl.constexpr):
-    """A of one chunk, each pair (i, j) at the level of the pairing tree where i and j fall in the two halves of
-    one block, as a product of factored rows. A level's pairs fill disjoint blocks of A, so each level is a
-    batched product of just its rows: levels of 16 rows and more block by block, the smaller ones and the
-    diagonal (no decay) inside the chunk's 16-row diagonal blocks."""
-    i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
+def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
+                  TF32: tl.constexpr):
+    """Stores A of the chunk [t0, t1), each pair (i, j) at the level of the pairing tree where i and j fall in the
+    two halves of one block, as a product of factored rows. A level's pairs fill disjoint blocks of A, so each
+    level is a batched product of just its rows: levels of 16 rows and more block by block, the smaller ones and
+    the diagonal (no decay) inside the chunk's 16-row diagonal blocks."""
     a_row = (t0 * H + i_h) * BT  # A [B, T, H, BT] at row t0
     NS: tl.constexpr = BT // 16
     o_c = tl.arange(0, 16)
@@ -191,12 +189,10 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
 
 
 @triton.jit
-def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
-                           KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
-    """o of one chunk and BV-wide slice of V from the chunk's starting state and its intra-chunk scores A."""
-    i_ch = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
+def _output_tile(q, v, g, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V,
+                 BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+    """Stores o of the chunk [t0, t1) (chunk x head program i_ch) and BV-wide slice i_v of V, from the chunk's
+    starting state and its intra-chunk scores A."""
     o_t = t0 + tl.arange(0, BT)
     mask_t = o_t < t1
     o_v = i_v * BV + tl.arange(0, BV)
@@ -216,6 +212,39 @@ def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
     b_A = tl.load(A + (o_t[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=mask_t[:, None], other=0.)
     b_o = b_o * scale + _dot(b_A.to(b_v.dtype), b_v)
     tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
+                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
+                           TF32: tl.constexpr):
+    """A of one chunk (_intra_scores)."""
+    i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
+    _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK, BT, LEVELS, TF32)
+
+
+@triton.jit
+def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
+                           KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
+    """o of one chunk and BV-wide slice of V from the chunk's starting state and its intra-chunk scores A."""
+    i_ch = tl.program_id(0)
+    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
+    _output_tile(q, v, g, states, A, o, scale, i_ch, tl.program_id(1), i_h, t0, t1, H, K, V, BK, BV, BT)
+
+
+@triton.jit
+def chunk_gla_fwd_kernel(q, k, v, g, states, chunks, A, o, scale, H, K, V,
+                         KP: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                         LEVELS: tl.constexpr, TF32: tl.constexpr):
+    """chunk_gla_intra_kernel and chunk_gla_fwd_o_kernel in one program per chunk: A is stored, then read back whole
+    (from the cache it was just written to) for o over every slice of V, and q and the gates are read again while
+    still cached."""
+    i_ch = tl.program_id(0)
+    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
+    _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK, BT, LEVELS, TF32)
+    tl.debug_barrier()  # A's blocks, stored by every thread of the program, are read back in another layout
+    for i_v in range(0, tl.cdiv(V, BV)):
+        _output_tile(q, v, g, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V, BKO, BV, BT)
 
 
 @triton.jit
@@ -377,6 +406,17 @@ def _fwd_o_config(KP, dtype, **_):
     return dict(BK=min(KP, 64), BV=128, BT=CHUNK, num_warps=4, num_stages=3)
 
 
+def _fwd_config(KP, dtype, **_):
+    # the fused forward (chunk_gla_fwd, FUSED_GLA_FWD in fla_aot/ops/chunk.py): the intra kernel's slices of K and
+    # fwd_o's slices of K and V, on 4 warps; not timed yet
+    # (sm_90 resource report: 16-bit 252 registers, no stack; float32 with these narrower slices 186, none)
+    if dtype == "float32":
+        return dict(BK=min(KP, 16), BKO=min(KP, 32), BV=32, BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=8,
+                    num_stages=1)
+    return dict(BK=min(KP, 16), BKO=min(KP, 64), BV=128, BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4,
+                num_stages=1)
+
+
 def _inter_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=3)
 
@@ -426,6 +466,18 @@ SPECS = [
         axes=_AXES_QKV,
         launch_config=_fwd_o_config,
         grid=["C * H", "cdiv(V, BV)"],
+    ),
+    OpSpec(
+        name="chunk_gla_fwd",
+        kernel=chunk_gla_fwd_kernel,
+        doc="GLA's forward from each chunk's starting state: the intra-chunk scores A [B, T, H, 64] (float32, kept for "
+            "the backward) and the output, in one kernel.",
+        args=[*_qk(), Tensor("v", "B T H V", same_dtype_as="q"), _GCUM, Tensor("states", "C H K V", same_dtype_as="q"),
+              _CHUNKS, Float("scale")],
+        outputs=[Output("A", f"B T H {CHUNK}", dtype="float32"), Output("o", "B T H V", dtype_of="q")],
+        axes=_AXES_QKV,
+        launch_config=_fwd_config,
+        grid=["C * H"],
     ),
     OpSpec(
         name="chunk_gla_bwd_inter",

@@ -23,7 +23,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
 _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_fixup", "chunk_bwd_dqk", "chunk_bwd_dv",
                                      "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
-                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
+                                     "chunk_gla_fwd", "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
                                      "chunk_gla_gate_grad")}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
@@ -36,6 +36,10 @@ MIN_SEGMENT_CHUNKS = 8
 # tools/tune_chunk.py --fixup, H200, fwd+bwd ms at B2T8192 / B1T32768: GLA 3.093 / 6.041 rescan, 2.940 / 5.743
 # correct; simple GLA (scalar gates, a cheap walk) 1.194 / 2.361 rescan, 1.249 / 2.486 correct.
 SPLIT_FIXUP = {"chunk_scan": "rescan", "chunk_gla_scan": "correct"}
+# GLA's forward after the state pass: chunk_gla_intra then chunk_gla_fwd_o, or (True) chunk_gla_fwd, both in one
+# kernel (A read back from the cache, q and the gates read once from memory). Not yet timed on a GPU:
+# tools/tune_chunk.py --fused-fwd times both.
+FUSED_GLA_FWD = False
 
 
 class _Tables:
@@ -173,8 +177,11 @@ class _ChunkFunction(torch.autograd.Function):
             gs = _ops["chunk_gk_cumsum"](g, tabs.chunks)[0]  # GLA's kernels read the gate summed per chunk
             _, states, ht = _scan(k, v, None, gs, None, initial_state, tabs, scale, state_v_first, True,
                                   output_final_state, False, True)
-            (A,) = _ops["chunk_gla_intra"](q, k, gs, tabs.chunks, scale)
-            (o,) = _ops["chunk_gla_fwd_o"](q, v, gs, states, A, tabs.chunks, scale)
+            if FUSED_GLA_FWD:
+                A, o = _ops["chunk_gla_fwd"](q, k, v, gs, states, tabs.chunks, scale)
+            else:
+                (A,) = _ops["chunk_gla_intra"](q, k, gs, tabs.chunks, scale)
+                (o,) = _ops["chunk_gla_fwd_o"](q, v, gs, states, A, tabs.chunks, scale)
         else:
             gs, A = g, None
             o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
