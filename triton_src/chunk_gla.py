@@ -15,9 +15,10 @@ The intra-chunk sums differ per key, so exp(G_i - G_j) cannot leave the sum over
 They are taken on a pairing tree over the chunk's rows instead: at level s (s = 1, 2, ..., 32) each block of 2s
 rows pairs its later s rows i with its earlier s rows j, and exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j) with
 m the first later row, both factors at most 1 (nothing overflows, and a factor underflows only where the product
-it belongs to is smaller still). Every pair j < i meets at exactly one level, so a level's sums are one tensor-core
-product of factored rows, masked to its pairs: log2(64) = 6 products and one exp per element and level, where a
-column at a time needs an exp per element and pair. The diagonal has no decay. A and dA are kept in float32
+it belongs to is smaller still). Every pair j < i meets at exactly one level, so a level's sums are tensor-core
+products of factored rows: log2(64) = 6 levels and one exp per element and level, where a column at a time needs
+an exp per element and pair (the forward takes each level's blocks as one batched product, the backward one
+product masked to the level's pairs). The diagonal has no decay. A and dA are kept in float32
 ([B, T, H, 64]) between kernels, as are the state's shares of dq and dk.
 """
 import triton
