@@ -110,11 +110,14 @@ def test_chunk_forward_and_backward(interpreted, case):
         assert rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
 
 
-def _override_intra_configs(monkeypatch, **config):
-    """GLA's two intra kernels with `config` over their frozen launch configs, before the `interpreted` fixture
-    binds the specs."""
+_INTRA = ("chunk_gla_intra", "chunk_gla_bwd_intra")
+
+
+def _override_configs(monkeypatch, names, **config):
+    """GLA's kernels `names` with `config` over their frozen launch configs, before the `interpreted` fixture binds
+    the specs."""
     for spec in chunk_gla_src.SPECS:
-        if spec.name in ("chunk_gla_intra", "chunk_gla_bwd_intra"):
+        if spec.name in names:
             monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
                                 dict(base(**axes), **config))
             assert all(v["constexprs"][n] == x for v in spec.variants() for n, x in config.items())
@@ -124,7 +127,7 @@ def _override_intra_configs(monkeypatch, **config):
 def test_gla_small_key_slices(monkeypatch, case, request):
     """GLA's intra kernels with 16-wide slices of K: the slices (a loop in the forward, programs of their own in
     the backward) together give the same results."""
-    _override_intra_configs(monkeypatch, BK=16)
+    _override_configs(monkeypatch, _INTRA, BK=16)
     request.getfixturevalue("interpreted")
     test_chunk_forward_and_backward(None, case)
 
@@ -132,7 +135,7 @@ def test_gla_small_key_slices(monkeypatch, case, request):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_gla_half_inputs(monkeypatch, tf32, request):
     """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, against float64."""
-    _override_intra_configs(monkeypatch, TF32=tf32)
+    _override_configs(monkeypatch, _INTRA, TF32=tf32)
     request.getfixturevalue("interpreted")
     torch.manual_seed(0)
     B, T, H, K, V = 1, 150, 2, 32, 16
@@ -154,10 +157,7 @@ def test_gla_fused_forward(monkeypatch, case, request):
     """GLA's forward in one kernel (FUSED_GLA_FWD: chunk_gla_fwd instead of chunk_gla_intra and chunk_gla_fwd_o)
     gives the same results; narrow slices of V make its loop over them run too."""
     monkeypatch.setattr(chunk, "FUSED_GLA_FWD", True)
-    for spec in chunk_gla_src.SPECS:
-        if spec.name == "chunk_gla_fwd":
-            monkeypatch.setattr(spec, "launch_config", lambda base=spec.launch_config, **axes:
-                                dict(base(**axes), BV=16))
+    _override_configs(monkeypatch, ("chunk_gla_fwd",), BV=16)
     request.getfixturevalue("interpreted")
     calls = []
     run = chunk._ops["chunk_gla_fwd"]
