@@ -13,6 +13,9 @@ Measured side by side in one run, for fla_aot (precompiled cubins), fla (JIT Tri
 (3) Time to the first chunk_simple_gla, chunk_gla and chunk_gated_delta_rule result in a fresh Python process, after
     torch and the CUDA context are up: fla_aot, and fla with a warm Triton cache (with --fla-cold
     also with an empty one; fla's cold autotuning can take minutes).
+(4) Accuracy: fla_aot's and fla's output and every input gradient against the reference (the token-by-token
+    recurrence in float32 on the CPU, torch autograd) at B=1, H=16, K=V=128, T=2048 and 8192, relative error.
+    Section (1) compares the two libraries with each other; this says which of them is nearer the exact result.
 
 A failed measurement (OOM, NotImplementedError, fla refusing a backward on Hopper, ...) is recorded
 in the tables instead of stopping the run. Run from the repository root on a GPU, with fla_aot
@@ -67,7 +70,8 @@ QUICK_SWEEP_T = (128, 1024, 8192)
 FIRST_CALL_OPS = ("simple_gla", "gla", "gated_delta_rule")
 FIRST_CALL_SHAPE = (1, 2048, H, D)  # B, T, H, D
 FIRST_CALL_TIMEOUT_S = 600
-SECTIONS = ("ops", "sweep", "first_call")
+ACCURACY_SHAPES = ((1, 2048), (1, 8192))  # (B, T), at H=16 as in (1): fla's autotuned configs carry over
+SECTIONS = ("ops", "sweep", "first_call", "accuracy")
 PASSES = (("fwd", "forward"), ("fwd_bwd", "forward + backward"))
 
 # Run in a fresh process by section (3). This file is loaded by path (a plain `import chunk` could
@@ -197,6 +201,38 @@ def measure_config(op, B, T, H, D, libraries, args, sdpa_cache):
     print(f"[{op} B={B} T={T} H={H} D={D}] {json.dumps(config['results'])} "
           f"rel_err o={config.get('rel_err_o')} grads={config.get('rel_err_grads')}", flush=True)
     return config
+
+
+def measure_accuracy(op, B, T, libraries):
+    """Each library's o and input gradients against the reference (fla_aot's CPU path: the recurrence in
+    float32, differentiated by torch) on the same inputs: {library: {"o": err, "dq": err, ...}}, relative errors."""
+    inputs = make_inputs(op, B, T, H, D, requires_grad=True)
+    do = torch.randn_like(inputs["v"])
+    ref_inputs = {name: x.detach().cpu().float().requires_grad_() for name, x in inputs.items()}
+    ref_o = call(libraries["fla_aot"], op, ref_inputs)
+    ref_grads = torch.autograd.grad(ref_o, list(ref_inputs.values()), do.cpu().float())
+    config = {"op": op, "B": B, "T": T, "H": H, "D": D, "errors": {}}
+    for name, ops in libraries.items():
+        errors = config["errors"][name] = {}
+        try:
+            o = call(ops, op, inputs)
+            errors["o"] = rel_err(o.cpu(), ref_o)
+            grads = torch.autograd.grad(o, list(inputs.values()), do)
+            errors.update({f"d{x}": rel_err(g.cpu(), ref) for x, g, ref in zip(inputs, grads, ref_grads)})
+        except Exception as error:
+            errors["error"] = describe(error)
+    print(f"[accuracy {op} B={B} T={T}] {json.dumps(config['errors'])}", flush=True)
+    return config
+
+
+def accuracy_table(configs):
+    names = [n for n in ("o", "dq", "dk", "dv", "dg", "dbeta")
+             if any(n in e for c in configs for e in c["errors"].values())]
+    rows = [[c["op"], f"B={c['B']} T={c['T']}", lib, *[f"{e[n]:.1e}" if n in e else "—" for n in names]]
+            for c in configs for lib, e in c["errors"].items()]
+    notes = [f"- {c['op']} B={c['B']} T={c['T']}, {lib}: {e['error']}"
+             for c in configs for lib, e in c["errors"].items() if "error" in e]
+    return "\n".join([h.markdown_table(["op", "shape", "library", *names], rows), "", *notes]).rstrip()
 
 
 def guarded_config(*args):
@@ -332,6 +368,12 @@ def render_markdown(results, plots):
             "this run's earlier sections filled; the primer compiles what is still missing.", "",
             table, "", *[f"- {r['library']} {OPS[r['op']][0]} {r['run']}: failed: {r['error']}"
                          for r in rows if r.get("error")]]).rstrip())
+    if results.get("accuracy") is not None:
+        parts.append("\n".join([
+            f"## Accuracy against the reference, H={H}, K=V={D}", "",
+            "||x - ref|| / ||ref|| of the output and of each input's gradient (same inputs and do as above), the "
+            "reference being the token-by-token recurrence in float32 on the CPU (fla_aot's CPU path) with torch "
+            "autograd.", "", accuracy_table(results["accuracy"])]))
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n\n".join(parts).rstrip() + "\n"
 
@@ -441,7 +483,7 @@ def main():
     if set(args.sections) != set(SECTIONS) and previous.exists():
         # a run split over several commands keeps the sections measured by the earlier ones
         old = json.loads(previous.read_text())
-        results.update({key: old[key] for key in ("ops", "retention_sweep", "first_call") if key in old})
+        results.update({key: old[key] for key in ("ops", "retention_sweep", "first_call", "accuracy") if key in old})
     sdpa_cache = {}  # SDPA does not depend on the op: measure it once per shape
     if "ops" in args.sections:
         results["ops"] = [guarded_config(op, B, T, H, D, libraries, args, sdpa_cache)
@@ -450,6 +492,9 @@ def main():
     if "sweep" in args.sections:
         results["retention_sweep"] = [guarded_config("retention", SWEEP_B, T, SWEEP_H, D, libraries, args,
                                                      sdpa_cache) for T in args.sweep_t]
+        write_outputs(results, args.out)
+    if "accuracy" in args.sections:
+        results["accuracy"] = [measure_accuracy(op, B, T, libraries) for op in args.ops for B, T in ACCURACY_SHAPES]
         write_outputs(results, args.out)
     if "first_call" in args.sections:
         # last, so that without --fla-cold the Triton cache is already warm from the sections above

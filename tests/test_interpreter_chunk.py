@@ -132,15 +132,16 @@ def test_gla_small_key_slices(monkeypatch, case, request):
     test_chunk_forward_and_backward(None, case)
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_gla_half_inputs(monkeypatch, tf32, request):
-    """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, against float64."""
+@pytest.mark.parametrize("tf32,gate_dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
+def test_gla_half_inputs(monkeypatch, tf32, gate_dtype, request):
+    """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, and the gate in
+    float32 or float16 (the state pass sums it per chunk in float32), against float64."""
     _override_configs(monkeypatch, _INTRA, TF32=tf32)
     request.getfixturevalue("interpreted")
     torch.manual_seed(0)
     B, T, H, K, V = 1, 150, 2, 32, 16
     q, k, v = (torch.randn(B, T, H, D).half() for D in (K, K, V))
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0).to(gate_dtype)
     h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
     do = torch.randn(B, T, H, V).half()
     o, ht, leaves = _run(q, k, v, g, None, h0, (T,), 100, gla=True)
@@ -150,20 +151,6 @@ def test_gla_half_inputs(monkeypatch, tf32, request):
     for name, x, ref in zip("q k v g h0".split(), leaves, ref_leaves):
         tol = (G_GRAD_TOL if name == "g" else GRAD_TOL)[torch.float16]
         assert torch.isfinite(x.grad).all() and rel_err(x.grad, ref.grad) < tol, (name, rel_err(x.grad, ref.grad))
-
-
-@pytest.mark.parametrize("case", [name for name in CASES if name.startswith("gla")])
-def test_gla_fused_forward(monkeypatch, case, request):
-    """GLA's forward in one kernel (FUSED_GLA_FWD: chunk_gla_fwd instead of chunk_gla_intra and chunk_gla_fwd_o)
-    gives the same results; narrow slices of V make its loop over them run too."""
-    monkeypatch.setattr(chunk, "FUSED_GLA_FWD", True)
-    _override_configs(monkeypatch, ("chunk_gla_fwd",), BV=16)
-    request.getfixturevalue("interpreted")
-    calls = []
-    run = chunk._ops["chunk_gla_fwd"]
-    monkeypatch.setitem(chunk._ops, "chunk_gla_fwd", lambda *args: calls.append(1) or run(*args))
-    test_chunk_forward_and_backward(None, case)
-    assert calls
 
 
 @pytest.mark.parametrize("mode", ["rescan", "correct"])

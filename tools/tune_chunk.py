@@ -61,9 +61,6 @@ def candidates(name):
         for tf32, bk, w, s in itertools.product([False, True], [32, 64], [4, 8], [1, 2]):
             yield (f"TF32={int(tf32)} BK={bk} warps={w} stages={s}", {},
                    dict(TF32=tf32, BK=bk, num_warps=w, num_stages=s))
-    elif name == "chunk_gla_fwd":  # timed with FUSED_GLA_FWD on
-        for bv, w, s in itertools.product([64, 128], [4, 8], [1, 2]):
-            yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         # BV=128: one program per chunk reads q (or k) and the gates once instead of once per slice of V
         for bk, bv, w, s in itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3]):
@@ -119,8 +116,6 @@ def main():
                    help="time the split passes' two fix-ups (fla_aot.ops.chunk.SPLIT_FIXUP) over simple_gla and gla")
     p.add_argument("--breakdown", default=None, choices=["simple_gla", "gla", "delta"],
                    help="only list the GPU time of every kernel of this op's forward + backward, per shape")
-    p.add_argument("--fused-fwd", action="store_true",
-                   help="time GLA's forward in one kernel or two (fla_aot.ops.chunk.FUSED_GLA_FWD), fwd+bwd steps")
     p.add_argument("--aot", action="store_true",
                    help="with --breakdown: time the installed cubins, and torch's own kernels besides, instead of "
                         "JIT launches (a kernel compiled without what Triton's JIT specialises on differs)")
@@ -165,24 +160,8 @@ def main():
         print(rows[-1], flush=True)
     chunk.SPLIT_FIXUP = frozen_fixup
 
-    frozen_fused = chunk.FUSED_GLA_FWD
-    # GLA's forward after the state pass: chunk_gla_intra + chunk_gla_fwd_o, or chunk_gla_fwd (both at once)
-    for fused in [False, True] if args.fused_fwd else []:
-        chunk.FUSED_GLA_FWD = fused
-        per_shape = [step_times(B, T, list(kernel_of.values()), op="gla") for B, T in SHAPES]
-        fwd = [sum(t[kernel_of[n]] for n in (["chunk_gla_fwd"] if fused else ["chunk_gla_intra", "chunk_gla_fwd_o"]))
-               for t in per_shape]
-        rows.append(f"| gla forward kernels | FUSED_GLA_FWD={fused} | " + " | ".join(f"{t:.3f}" for t in fwd)
-                    + f" | {sum(fwd):.3f} |")
-        steps = [sum(t.values()) for t in per_shape]
-        rows.append(f"| gla (fwd+bwd) | FUSED_GLA_FWD={fused} | " + " | ".join(f"{t:.3f}" for t in steps)
-                    + f" | {sum(steps):.3f} |")
-        print(rows[-2], rows[-1], sep="\n", flush=True)
-    chunk.FUSED_GLA_FWD = frozen_fused
-
     for name in filter(None, args.kernels.split(",")):
         results = []
-        chunk.FUSED_GLA_FWD = frozen_fused or name == "chunk_gla_fwd"
         for label, when, override in candidates(name):
             install(name, jit_runner(specs[name], override, when))
             try:
@@ -194,7 +173,6 @@ def main():
             results.append((sum(times), label, times))
             print(f"{name} {label}: " + " ".join(f"{t:.3f}" for t in times), flush=True)
         install(name, jit_runner(specs[name]))
-        chunk.FUSED_GLA_FWD = frozen_fused
         results.sort()
         for total, label, times in results[:4]:
             rows.append(f"| {name} | {label} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {total:.3f} |")

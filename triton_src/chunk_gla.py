@@ -26,7 +26,6 @@ import triton.language as tl
 
 from tools.kernel_spec import AlignedAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
 from triton_src.chunk import CHUNK, FLOAT_DTYPES, K_BUCKETS, _dot
-from triton_src.fused_recurrent import _load_f32
 
 
 @triton.jit
@@ -50,17 +49,6 @@ def _key_slice(i_k, BK: tl.constexpr, K, o_t, mask_t, i_h, H):
     o_k = i_k * BK + tl.arange(0, BK)
     mask_k = o_k < K
     return o_k, mask_k, mask_t[:, None] & mask_k[None, :], (o_t[:, None] * H + i_h) * K + o_k[None, :]
-
-
-@triton.jit
-def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, BT: tl.constexpr):
-    """GLA's gate summed up to each token of its chunk, per key, in float32."""
-    i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
-    o_t = t0 + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    m = (o_t < t1)[:, None] & (o_k < K)[None, :]
-    off = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(gcum + off, tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0), mask=m)
 
 
 @triton.jit
@@ -234,21 +222,6 @@ def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
 
 
 @triton.jit
-def chunk_gla_fwd_kernel(q, k, v, g, states, chunks, A, o, scale, H, K, V,
-                         KP: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                         LEVELS: tl.constexpr, TF32: tl.constexpr):
-    """chunk_gla_intra_kernel and chunk_gla_fwd_o_kernel in one program per chunk: A is stored, then read back whole
-    (from the cache it was just written to) for o over every slice of V, and q and the gates are read again while
-    still cached."""
-    i_ch = tl.program_id(0)
-    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
-    _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK, BT, LEVELS, TF32)
-    tl.debug_barrier()  # A's blocks, stored by every thread of the program, are read back in another layout
-    for i_v in range(0, tl.cdiv(V, BV)):
-        _output_tile(q, v, g, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V, BKO, BV, BT)
-
-
-@triton.jit
 def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, scale, H, K, V,
                                KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
     """The state's shares of dq and dk (float32) for one chunk and BK-wide slice of K, and dA (written by the
@@ -407,17 +380,6 @@ def _fwd_o_config(KP, dtype, **_):
     return dict(BK=min(KP, 64), BV=128, BT=CHUNK, num_warps=4, num_stages=3)
 
 
-def _fwd_config(KP, dtype, **_):
-    # the fused forward (chunk_gla_fwd, FUSED_GLA_FWD in fla_aot/ops/chunk.py): the intra kernel's slices of K and
-    # fwd_o's slices of K and V, on 4 warps; not timed yet
-    # (sm_90 resource report: 16-bit 252 registers, no stack; float32 with these narrower slices 186, none)
-    if dtype == "float32":
-        return dict(BK=min(KP, 16), BKO=min(KP, 32), BV=32, BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=8,
-                    num_stages=1)
-    return dict(BK=min(KP, 16), BKO=min(KP, 64), BV=128, BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4,
-                num_stages=1)
-
-
 def _inter_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=3)
 
@@ -430,22 +392,12 @@ def _qk(dtype_arg="q"):
     return [Tensor("q", "B T H K", dtypes=FLOAT_DTYPES), Tensor("k", "B T H K", same_dtype_as=dtype_arg)]
 
 
-_GCUM = Tensor("g", "B T H K", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_gk_cumsum
+_GCUM = Tensor("g", "B T H K", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_gla_scan
 _CHUNKS = Tensor("chunks", "C CF", dtypes=["int32"])
 _AXES_QK = [DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])]
 _AXES_QKV = [DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])]
 
 SPECS = [
-    OpSpec(
-        name="chunk_gk_cumsum",
-        kernel=chunk_gk_cumsum_kernel,
-        doc="GLA's per-key gate summed within each chunk (float32).",
-        args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), _CHUNKS],
-        outputs=[Output("gcum", "B T H K", dtype="float32")],
-        axes=[BucketAxis("BK", "K", K_BUCKETS), AlignedAxis(["K"])],
-        launch_config=lambda BK, **_: dict(BT=CHUNK, num_warps=4, num_stages=1),
-        grid=["C * H"],
-    ),
     OpSpec(
         name="chunk_gla_intra",
         kernel=chunk_gla_intra_kernel,
@@ -467,18 +419,6 @@ SPECS = [
         axes=_AXES_QKV,
         launch_config=_fwd_o_config,
         grid=["C * H", "cdiv(V, BV)"],
-    ),
-    OpSpec(
-        name="chunk_gla_fwd",
-        kernel=chunk_gla_fwd_kernel,
-        doc="GLA's forward from each chunk's starting state: the intra-chunk scores A [B, T, H, 64] (float32, kept for "
-            "the backward) and the output, in one kernel.",
-        args=[*_qk(), Tensor("v", "B T H V", same_dtype_as="q"), _GCUM, Tensor("states", "C H K V", same_dtype_as="q"),
-              _CHUNKS, Float("scale")],
-        outputs=[Output("A", f"B T H {CHUNK}", dtype="float32"), Output("o", "B T H V", dtype_of="q")],
-        axes=_AXES_QKV,
-        launch_config=_fwd_config,
-        grid=["C * H"],
     ),
     OpSpec(
         name="chunk_gla_bwd_inter",
