@@ -121,7 +121,7 @@ def test_variant_metadata(build):
             assert len({len(t) for t in tokens}) == 1
             per_position = [sorted(set(col)) for col in zip(*tokens)]
             assert sorted(tokens) == sorted(itertools.product(*per_position))
-            assert any(len(vals) > 1 for vals in per_position)  # at least one axis (chunk_gla_gate_grad: the K bucket)
+            assert any(len(vals) > 1 for vals in per_position)  # at least one axis (chunk_gk_cumsum: the K bucket)
 
 
 def test_manifest_matches_the_installed_package(build):

@@ -38,13 +38,12 @@ def _dot(a, b):
 def _chunk_log_gates(g, g_gamma, i_h, H, K, t0, t1, o_k, mask_k, g_dtype, g_gamma_dtype,
                      BT: tl.constexpr, GATE_K: tl.constexpr):
     """Running sum G of the log gate over the chunk's tokens [t0, t1), and G at the chunk's last token:
-    [BT] and a scalar, or with GATE_K (GLA's per-key gate g [B, T, H, K]) [BT, BK] and [BK]."""
+    [BT] and a scalar, or with GATE_K (GLA: g is then that running sum, from chunk_gk_cumsum) [BT, BK] and [BK]."""
     o_t = t0 + tl.arange(0, BT)
     mask_t = o_t < t1
     if GATE_K:
-        b_g = _load_f32(g, (o_t[:, None] * H + i_h) * K + o_k[None, :], mask_t[:, None] & mask_k[None, :], g_dtype, 0.)
-        b_G = tl.cumsum(b_g, 0)
-        b_GL = tl.sum(tl.where((tl.arange(0, BT) == BT - 1)[:, None], b_G, 0.), 0)  # padding rows keep the last value
+        b_G = tl.load(g + (o_t[:, None] * H + i_h) * K + o_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.)
+        b_GL = tl.load(g + ((t1 - 1) * H + i_h) * K + o_k, mask=mask_k & (t1 > t0), other=0.)
     else:
         b_g = _load_f32(g, o_t * H + i_h, mask_t & (g_dtype != 0), g_dtype, 0.)
         if g_gamma_dtype != 0:
@@ -91,11 +90,11 @@ def _state_offsets(o_k, o_v, K, V, v_first):
 
 
 @triton.jit
-def _scan_segment(
+def chunk_scan_kernel(
     x, y, q, g, g_gamma, h0, segments,
-    o, states, ht, seg_decay, chunk_decay, gcum,
+    o, states, ht, seg_decay, chunk_decay,
     g_dtype, g_gamma_dtype, h0_dtype,
-    scale, H, K, V, state_v_first, store_states, output_ht, reverse, store_decay, store_gcum,
+    scale, H, K, V, state_v_first, store_states, output_ht, reverse, store_decay,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr, GATE_K: tl.constexpr,
 ):
     """One segment's chunks in order. Forward (x = k, y = v): h is the state; with WRITE_O, o from q.
@@ -103,8 +102,8 @@ def _scan_segment(
     each chunk sees it (forward: at its start; reverse: at its end) in `states`, for the backward kernels;
     store_decay also keeps the segment's log decay up to there (chunk_decay: what chunk_fixup scales a segment's
     starting state by, to add it to states taken from a zero start).
-    GATE_K: GLA's per-key gate; store_gcum keeps its running sum per chunk in gcum (float32), what GLA's other
-    kernels read (its outputs come from triton_src/chunk_gla.py, so never with WRITE_O)."""
+    GATE_K: GLA's per-key gate (g = its running sum per chunk; its outputs come from triton_src/chunk_gla.py, so
+    never with WRITE_O)."""
     i_sh = tl.program_id(0)
     i_v = tl.program_id(1)
     i_s = i_sh // H
@@ -145,10 +144,6 @@ def _scan_segment(
             tl.store(p_s, b_h.to(states.dtype.element_ty), mask=mask_h)
             if store_decay != 0 and i_v == 0:
                 tl.store(chunk_decay + ((c0 + i_c) * H + i_h) * K + o_k, b_decay, mask=mask_k)
-        if GATE_K:
-            if store_gcum != 0 and i_v == 0:
-                tl.store(gcum + (o_t[:, None] * H + i_h) * K + o_k[None, :], b_G,
-                         mask=mask_t[:, None] & mask_k[None, :])
         if WRITE_O:
             # a compile-time branch: on sm_90 Triton 3.6 computed wrong outputs with these dots under a run-time if
             b_q = tl.load(q + (o_t[:, None] * H + i_h) * K + o_k[None, :],
@@ -170,34 +165,6 @@ def _scan_segment(
         tl.store(ht + (i_s * H + i_h).to(tl.int64) * K * V + o_user, b_h, mask=mask_h)
         if i_v == 0:
             tl.store(seg_decay + (i_s * H + i_h) * K + o_k, b_decay, mask=mask_k)
-
-
-@triton.jit
-def chunk_scan_kernel(
-    x, y, q, g, g_gamma, h0, segments,
-    o, states, ht, seg_decay, chunk_decay,
-    g_dtype, g_gamma_dtype, h0_dtype,
-    scale, H, K, V, state_v_first, store_states, output_ht, reverse, store_decay,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, WRITE_O: tl.constexpr,
-):
-    """The state pass with scalar gates (g [B, T, H] and/or g_gamma [H]): _scan_segment."""
-    _scan_segment(x, y, q, g, g_gamma, h0, segments, o, states, ht, seg_decay, chunk_decay, None,
-                  g_dtype, g_gamma_dtype, h0_dtype, scale, H, K, V, state_v_first, store_states, output_ht, reverse,
-                  store_decay, 0, BK, BV, BT, WRITE_O, False)
-
-
-@triton.jit
-def chunk_gla_scan_kernel(
-    x, y, g, h0, segments,
-    states, ht, seg_decay, chunk_decay, gcum,
-    g_dtype, h0_dtype,
-    scale, H, K, V, state_v_first, store_states, output_ht, reverse, store_decay, store_gcum,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-):
-    """The state pass with GLA's per-key gate g [B, T, H, K] (states only): _scan_segment."""
-    _scan_segment(x, y, None, g, None, h0, segments, None, states, ht, seg_decay, chunk_decay, gcum,
-                  g_dtype, 0, h0_dtype, scale, H, K, V, state_v_first, store_states, output_ht, reverse,
-                  store_decay, store_gcum, BK, BV, BT, False, True)
 
 
 @triton.jit
@@ -404,13 +371,12 @@ K_BUCKETS = [16, 32, 64, 128, 256]
 
 def _scan_spec(name, gates, gate_k):
     """The state pass for scalar gates (g [B, T, H], g_gamma [H]; outputs too, with write_o) or, with gate_k, for
-    GLA (g: the per-key gate [B, T, H, K], whose running sum per chunk store_gcum keeps; states only: write_o
+    GLA (g: the per-key gate's running sum per chunk [B, T, H, K], from chunk_gk_cumsum; states only: write_o
     must be False, GLA's outputs come from triton_src/chunk_gla.py)."""
-    gla_args = [Bool("store_gcum")] if gate_k else []
-    gla_outputs = [Output("gcum", "B T H K", dtype="float32", when="store_gcum")] if gate_k else []
+    write_o_axis = [] if gate_k else [BoolAxis("WRITE_O", "write_o")]
     return OpSpec(
         name=name,
-        kernel=chunk_gla_scan_kernel if gate_k else chunk_scan_kernel,
+        kernel=chunk_scan_kernel,
         doc="Chunk-by-chunk state pass over segments: forward states (and outputs), or reversed, state gradients.",
         args=[
             Tensor("x", "B T H K", dtypes=FLOAT_DTYPES),
@@ -427,7 +393,6 @@ def _scan_spec(name, gates, gate_k):
             Bool("output_ht"),
             Bool("reverse"),
             Bool("store_decay"),
-            *gla_args,
         ],
         outputs=[
             Output("o", "B T H V", dtype_of="y", when="write_o"),
@@ -435,11 +400,10 @@ def _scan_spec(name, gates, gate_k):
             Output("ht", "S H K V", dtype="float32", when="output_ht", transposed_if="state_v_first"),
             Output("seg_decay", "S H K", dtype="float32", when="output_ht"),
             Output("chunk_decay", "C H K", dtype="float32", when="store_decay"),
-            *gla_outputs,
         ],
-        axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *([] if gate_k else [BoolAxis("WRITE_O", "write_o")]),
-              AlignedAxis(["K", "V"])],
-        launch_config=_gla_scan_config if gate_k else _scan_config,
+        axes=[DtypeAxis("x"), BucketAxis("BK", "K", K_BUCKETS), *write_o_axis, AlignedAxis(["K", "V"])],
+        launch_config=lambda **axes: dict(_gla_scan_config(**axes), GATE_K=True, WRITE_O=False) if gate_k
+        else dict(_scan_config(**axes), GATE_K=False),
         grid=["S * H", "cdiv(V, BV)"],
     )
 
@@ -449,7 +413,7 @@ _SCALAR_GATES = [Tensor("g", "B T H", optional=True, dtypes=FLOAT_DTYPES),
 
 SPECS = [
     _scan_spec("chunk_scan", _SCALAR_GATES, False),
-    _scan_spec("chunk_gla_scan", [Tensor("g", "B T H K", dtypes=FLOAT_DTYPES),
+    _scan_spec("chunk_gla_scan", [Tensor("g", "B T H K", dtypes=["float32"]),
                                   Tensor("g_gamma", "H", optional=True, dtypes=["float32"])], True),
     OpSpec(
         name="chunk_bwd_dqk",

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from tools.kernel_spec import AlignedAxis, BucketAxis, DtypeAxis, Float, OpSpec, Output, Tensor
 from triton_src.chunk import CHUNK, FLOAT_DTYPES, K_BUCKETS, _dot
+from triton_src.fused_recurrent import _load_f32
 
 
 @triton.jit
@@ -49,6 +50,17 @@ def _key_slice(i_k, BK: tl.constexpr, K, o_t, mask_t, i_h, H):
     o_k = i_k * BK + tl.arange(0, BK)
     mask_k = o_k < K
     return o_k, mask_k, mask_t[:, None] & mask_k[None, :], (o_t[:, None] * H + i_h) * K + o_k[None, :]
+
+
+@triton.jit
+def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, BT: tl.constexpr):
+    """GLA's gate summed up to each token of its chunk, per key, in float32."""
+    i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
+    o_t = t0 + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m = (o_t < t1)[:, None] & (o_k < K)[None, :]
+    off = (o_t[:, None] * H + i_h) * K + o_k[None, :]
+    tl.store(gcum + off, tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0), mask=m)
 
 
 @triton.jit
@@ -392,12 +404,22 @@ def _qk(dtype_arg="q"):
     return [Tensor("q", "B T H K", dtypes=FLOAT_DTYPES), Tensor("k", "B T H K", same_dtype_as=dtype_arg)]
 
 
-_GCUM = Tensor("g", "B T H K", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_gla_scan
+_GCUM = Tensor("g", "B T H K", dtypes=["float32"])  # the gate's running sum per chunk, from chunk_gk_cumsum
 _CHUNKS = Tensor("chunks", "C CF", dtypes=["int32"])
 _AXES_QK = [DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])]
 _AXES_QKV = [DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])]
 
 SPECS = [
+    OpSpec(
+        name="chunk_gk_cumsum",
+        kernel=chunk_gk_cumsum_kernel,
+        doc="GLA's per-key gate summed within each chunk (float32).",
+        args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), _CHUNKS],
+        outputs=[Output("gcum", "B T H K", dtype="float32")],
+        axes=[BucketAxis("BK", "K", K_BUCKETS), AlignedAxis(["K"])],
+        launch_config=lambda BK, **_: dict(BT=CHUNK, num_warps=4, num_stages=1),
+        grid=["C * H"],
+    ),
     OpSpec(
         name="chunk_gla_intra",
         kernel=chunk_gla_intra_kernel,

@@ -22,8 +22,9 @@ CHUNK = 64
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
 _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_fixup", "chunk_bwd_dqk", "chunk_bwd_dv",
-                                     "chunk_gla_scan", "chunk_gla_intra", "chunk_gla_fwd_o", "chunk_gla_bwd_inter",
-                                     "chunk_gla_bwd_intra", "chunk_gla_bwd_dv", "chunk_gla_gate_grad")}
+                                     "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
+                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
+                                     "chunk_gla_gate_grad")}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
@@ -104,33 +105,29 @@ def _tables(lengths, H, device, split=True):
     return tabs
 
 
-def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, output_ht, reverse, gla,
-          store_gcum=False):
-    """The state pass over every chunk: returns (o, per-chunk states, final state, gcum). Forward: x = k, y = v, and
+def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, output_ht, reverse, gla):
+    """The state pass over every chunk: returns (o, per-chunk states, final state). Forward: x = k, y = v, and
     o from q when given. reverse: x = q, y = do and h0 the final state's gradient; then "final" is the
-    gradient of the initial state and the stored states are the gradients at each chunk's end. GLA (g its per-key
-    gate) with store_gcum also returns the gate's running sum per chunk, which its other kernels read."""
+    gradient of the initial state and the stored states are the gradients at each chunk's end."""
     write_o = q is not None
     scan_name = "chunk_gla_scan" if gla else "chunk_scan"
     scan = _ops[scan_name]
-    gcum_flag = (store_gcum,) if gla else ()
     if tabs.single:
-        o, states, ht, _, _, *gcum = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
-                                          write_o, store_states, output_ht, reverse, False, *gcum_flag)
-        return o, states, ht, (gcum[0] if gcum else None)
+        o, states, ht, _, _ = scan(x, y, q, g, g_gamma, h0, tabs.segments, tabs.chunks, scale, state_v_first,
+                                   write_o, store_states, output_ht, reverse, False)
+        return o, states, ht
     # split: each segment from a zero start, then every segment's starting state from the segments before it
     fixup = not write_o and SPLIT_FIXUP[scan_name] == "correct"
-    _, local_states, local, decay, chunk_decay, *gcum = scan(
-        x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks, scale, False, False, store_states and fixup, True,
-        reverse, store_states and fixup, *gcum_flag)
-    gcum = gcum[0] if gcum else None
+    _, local_states, local, decay, chunk_decay = scan(x, y, None, g, g_gamma, None, tabs.segments, tabs.chunks,
+                                                      scale, False, False, store_states and fixup, True, reverse,
+                                                      store_states and fixup)
     seg_init, ht = _ops["chunk_combine"](local, decay, h0, tabs.seg_offsets, state_v_first, output_ht, reverse)
     if fixup:
         states = _ops["chunk_fixup"](local_states, chunk_decay, seg_init, tabs.chunks)[0] if store_states else None
-        return None, states, ht, gcum
-    o, states, _, _, _, *_ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
-                                  write_o, store_states, False, reverse, False, *(False,) * len(gcum_flag))
-    return o, states, ht, gcum
+        return None, states, ht
+    o, states, _, _, _ = scan(x, y, q, g, g_gamma, seg_init, tabs.segments, tabs.chunks, scale, False,
+                              write_o, store_states, False, reverse, False)
+    return o, states, ht
 
 
 def _final_state_share(ht, dht, per_key, state_v_first):
@@ -173,15 +170,15 @@ class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen, gla):
         if gla:
-            # the state pass also keeps the gate's running sum per chunk (gs), what GLA's other kernels read
-            _, states, ht, gs = _scan(k, v, None, g, None, initial_state, tabs, scale, state_v_first, True,
-                                      output_final_state, False, True, store_gcum=True)
+            gs = _ops["chunk_gk_cumsum"](g, tabs.chunks)[0]  # GLA's kernels read the gate summed per chunk
+            _, states, ht = _scan(k, v, None, gs, None, initial_state, tabs, scale, state_v_first, True,
+                                  output_final_state, False, True)
             (A,) = _ops["chunk_gla_intra"](q, k, gs, tabs.chunks, scale)
             (o,) = _ops["chunk_gla_fwd_o"](q, v, gs, states, A, tabs.chunks, scale)
         else:
             gs, A = g, None
-            o, _, ht, _ = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
-                                output_final_state, False, False)
+            o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
+                             output_final_state, False, False)
         ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, ht, A)
         ctx.args = (scale, state_v_first, tabs, varlen, gla)
         ctx.set_materialize_grads(False)
@@ -193,10 +190,10 @@ class _ChunkFunction(torch.autograd.Function):
         scale, state_v_first, tabs, varlen, gla = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        _, states, _, _ = _scan(k, v, None, g, g_gamma, initial_state, tabs, scale, state_v_first, True, False,
-                                False, gla)
-        _, dstates, dh0, _ = _scan(q, do, None, g, g_gamma, dht, tabs, scale, state_v_first, True,
-                                   initial_state is not None, True, gla)
+        _, states, _ = _scan(k, v, None, gs, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False,
+                             gla)
+        _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
+                                initial_state is not None, True, gla)
         if gla:
             dq_inter, dk_inter, dA = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks, scale)
             dq, dk, dg_token, dg_chunk = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, tabs.chunks)
