@@ -177,7 +177,7 @@ def test_split_fixup_modes(monkeypatch, op, cu, mode):
 @pytest.mark.parametrize("K,V", [(16, 32), (60, 100), (128, 128), (128, 256)])
 @pytest.mark.parametrize("cu", [None, [0, 0, 70, 70, 200]])
 def test_gla_16bit_gates(gate_dtype, K, V, cu):
-    """GLA's per-key gate in 16 bits (its state pass sums it per chunk in float32): output, final state and every
+    """GLA's per-key gate in 16 bits (chunk_gk_cumsum sums it per chunk in float32): output, final state and every
     gradient, the gate's in the gate's dtype."""
     kw = make_inputs("gla", B=2 if cu is None else 1, T=200, H=2, K=K, V=V, gate_dtype=gate_dtype, device=DEV,
                      cu_seqlens=cu)

@@ -135,7 +135,7 @@ def test_gla_small_key_slices(monkeypatch, case, request):
 @pytest.mark.parametrize("tf32,gate_dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
 def test_gla_half_inputs(monkeypatch, tf32, gate_dtype, request):
     """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, and the gate in
-    float32 or float16 (the state pass sums it per chunk in float32), against float64."""
+    float32 or float16 (chunk_gk_cumsum sums it per chunk in float32), against float64."""
     _override_configs(monkeypatch, _INTRA, TF32=tf32)
     request.getfixturevalue("interpreted")
     torch.manual_seed(0)
