@@ -27,7 +27,7 @@ TAKES_CU_SEQLENS_CPU = ("simple_gla", "retention", "gla")
 # so they are looser than the fused_recurrent TOL
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
 GRAD_TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-# dg is a suffix sum of differences (q dq - k dk): cancellation makes it less accurate than dq, dk
+# dg sums differences (q dq - k dk) over the rest of the sequence: cancellation makes it less accurate than dq, dk
 G_GRAD_TOL = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 

@@ -380,6 +380,14 @@ def test_gradients_long_sequence_split(op, cu):
     check_gradients(op, kw)
 
 
+@pytest.mark.parametrize("op", ["simple_gla", "gla"])
+def test_gate_gradient_long_sequence_16bit(op):
+    """The gate's gradient over 4096 bfloat16 tokens within G_GRAD_TOL: each token's sum over the rest of the
+    sequence is taken per chunk from the states, where a suffix sum over the sequence lost two digits by T = 8192."""
+    kw = make_inputs(op, B=1, T=4096, H=4, K=64, V=64, dtype=torch.bfloat16, device=DEV)
+    check_gradients(op, kw)
+
+
 def test_backward_of_o_alone_and_of_the_state_alone():
     """A loss on o alone (no cotangent for the final state) and on the final state alone."""
     kw = make_inputs("simple_gla", T=100, K=32, V=32, dtype=torch.float32, device=DEV)

@@ -37,8 +37,7 @@ def _run(q, k, v, g, g_gamma, h0, lengths, seg_chunks, state_v_first=False, gla=
     tabs = chunk._Tables(lengths, seg_chunks, q.device)
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, h0)]
     o, ht = chunk._ChunkFunction.apply(leaves[0], leaves[1], leaves[2], leaves[3], g_gamma, leaves[4],
-                                       q.shape[-1] ** -0.5, state_v_first, True, tabs, len(lengths) != q.shape[0],
-                                       gla)
+                                       q.shape[-1] ** -0.5, state_v_first, True, tabs, gla)
     return o, ht, leaves
 
 

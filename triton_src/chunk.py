@@ -233,9 +233,11 @@ def chunk_bwd_dqk_kernel(
     scale, H, K, V,
     KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
-    """dq, dk of one chunk and BK-wide slice of K, and this slice's share of q.dq - k.dk (the gate's
-    gradient before its suffix sum over the sequence, in fla_aot/ops/chunk.py), from the chunk's state h (at its
-    start) and state gradient dh (at its end)."""
+    """dq, dk of one chunk and BK-wide slice of K from the chunk's state h (at its start) and state gradient dh
+    (at its end), and this slice's share of the gate's gradient: at token t the sum of q.dq - k.dk over the rest
+    of its sequence (plus the final state's share), taken as the sum inside the chunk plus sum h_L dh_L for the
+    state h_L at the chunk's end, exp(G_L) sum h dh + sum_j k_j dk_j over the state's share of dk (a suffix sum
+    over the whole sequence cancels: two digits lost by T = 8192)."""
     i_ch = tl.program_id(0)
     i_k = tl.program_id(1)
     i_c = i_ch // H
@@ -255,6 +257,7 @@ def chunk_bwd_dqk_kernel(
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     state_base = (i_c * H + i_h).to(tl.int64) * K * V
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -269,15 +272,19 @@ def chunk_bwd_dqk_kernel(
         b_dA += _dot(b_do, tl.trans(b_v))
         b_dq += _dot(b_do, tl.trans(b_h))
         b_dk += _dot(b_v, tl.trans(b_dh))
+        if g_dtype != 0:
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
     b_dA = (b_dA * _causal_decay(b_G, mask_t, BT) * scale).to(b_q.dtype)
     b_dq = b_dq * tl.exp(b_G)[:, None] * scale + _dot(b_dA, b_k)
-    b_dk = tl.where(mask_tk, b_dk * tl.exp(b_GL - b_G)[:, None], 0.) + _dot(tl.trans(b_dA), b_q)
+    b_dk_state = tl.where(mask_tk, b_dk * tl.exp(b_GL - b_G)[:, None], 0.)
+    b_dk = b_dk_state + _dot(tl.trans(b_dA), b_q)
     tl.store(dq + p_qk, b_dq.to(dq.dtype.element_ty), mask=mask_tk)
     tl.store(dk + p_qk, b_dk.to(dk.dtype.element_ty), mask=mask_tk)
     if g_dtype != 0:
-        b_dg = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
-        tl.atomic_add(dg + o_t * H + i_h, tl.sum(b_dg, 1), mask=mask_t)
+        b_later = tl.exp(b_GL) * tl.sum(b_hdh) + tl.sum(b_k.to(tl.float32) * b_dk_state)
+        b_dg = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
+        tl.atomic_add(dg + o_t * H + i_h, tl.cumsum(b_dg, 0, reverse=True) + b_later, mask=mask_t)
 
 
 @triton.jit
@@ -418,7 +425,7 @@ SPECS = [
     OpSpec(
         name="chunk_bwd_dqk",
         kernel=chunk_bwd_dqk_kernel,
-        doc="Backward per chunk: dq, dk and the gate's per-token gradient before its suffix sum.",
+        doc="Backward per chunk: dq, dk and the gate's gradient.",
         args=[
             Tensor("q", "B T H K", dtypes=FLOAT_DTYPES),
             Tensor("k", "B T H K", same_dtype_as="q"),

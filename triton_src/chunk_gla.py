@@ -18,8 +18,9 @@ m the first later row, both factors at most 1 (nothing overflows, and a factor u
 it belongs to is smaller still). Every pair j < i meets at exactly one level, so a level's sums are tensor-core
 products of factored rows: log2(64) = 6 levels and one exp per element and level, where a column at a time needs
 an exp per element and pair (the forward takes each level's blocks as one batched product, the backward one
-product masked to the level's pairs). The diagonal has no decay. A and dA are kept in float32
-([B, T, H, 64]) between kernels, as are the state's shares of dq and dk.
+product masked to the level's pairs). The diagonal has no decay. Between kernels A [B, T, H, 64] is kept in the
+inputs' dtype (the products that read it round it to that dtype anyway), dA and the state's shares of dq and dk in
+float32.
 """
 import triton
 import triton.language as tl
@@ -154,8 +155,9 @@ def _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK: tl.constexpr, 
         b_ke = _tree_operand(tl.where(ok_e, b_k * e_e, 0.), b_q, TF32)
         b_A += _tree_dot(b_qe, tl.permute(b_ke, (0, 2, 1)), b_q, TF32)
     cols = (o_b * (2 * S))[:, :, None] + o_r[None, None, :]
-    tl.store(A + a_row + r_l[:, :, None] * H * BT + cols, b_A * scale, mask=((t0 + r_l) < t1)[:, :, None])
-    tl.store(A + a_row + r_e[:, :, None] * H * BT + cols + S, tl.zeros([NB, S, S], dtype=tl.float32),
+    tl.store(A + a_row + r_l[:, :, None] * H * BT + cols, (b_A * scale).to(A.dtype.element_ty),
+             mask=((t0 + r_l) < t1)[:, :, None])
+    tl.store(A + a_row + r_e[:, :, None] * H * BT + cols + S, tl.zeros([NB, S, S], dtype=A.dtype.element_ty),
              mask=((t0 + r_e) < t1)[:, :, None])
 
 
@@ -183,7 +185,8 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
         for lvl in tl.static_range(0, 4):
             b_Ad += _diagonal_level(g, b_g, b_q, b_k, rows, o_s, o_c, o_k, mask_k, i_h, H, K, t0, t1, 1 << lvl,
                                     TF32)
-    tl.store(A + a_row + rows[:, :, None] * H * BT + o_s[:, :, None] * 16 + o_c[None, None, :], b_Ad * scale,
+    tl.store(A + a_row + rows[:, :, None] * H * BT + o_s[:, :, None] * 16 + o_c[None, None, :],
+             (b_Ad * scale).to(A.dtype.element_ty),
              mask=((t0 + rows) < t1)[:, :, None])
     for lvl in tl.static_range(4, LEVELS):
         _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK, BT, 1 << lvl, TF32)
@@ -234,10 +237,11 @@ def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
 
 
 @triton.jit
-def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, scale, H, K, V,
+def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, dg_state, scale, H, K, V,
                                KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
-    """The state's shares of dq and dk (float32) for one chunk and BK-wide slice of K, and dA (written by the
-    first slice's programs)."""
+    """The state's shares of dq and dk (float32) for one chunk and BK-wide slice of K, dA (written by the first
+    slice's programs), and exp(G_L) sum_v h dh per key: the starting state's share of the gate's gradient after
+    the chunk (chunk_gla_bwd_intra_kernel)."""
     i_ch = tl.program_id(0)
     i_k = tl.program_id(1)
     i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
@@ -250,6 +254,7 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         mask_v = o_v < V
@@ -263,24 +268,29 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, sc
         b_dA += _dot(b_do, tl.trans(b_v))
         b_dq += _dot(b_do, tl.trans(b_h))
         b_dk += _dot(b_v, tl.trans(b_dh))
+        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
     m = mask_t[:, None] & mask_k[None, :]
     p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
     b_g = tl.load(g + p, mask=m, other=0.)
     b_gl = tl.load(g + ((t1 - 1) * H + i_h) * K + o_k, mask=mask_k, other=0.)
     tl.store(dq + p, b_dq * tl.exp(b_g) * scale, mask=m)
     tl.store(dk + p, b_dk * _exp_where(m, b_gl[None, :] - b_g), mask=m)
+    tl.store(dg_state + i_ch.to(tl.int64) * K + o_k, b_hdh * tl.exp(b_gl), mask=mask_k)
     causal = (o_j[:, None] >= o_j[None, :]) & mask_t[:, None]
     tl.store(dA + (o_t[:, None] * H + i_h) * BT + o_j[None, :], tl.where(causal, b_dA * scale, 0.),
              mask=mask_t[:, None] & (i_k == 0))
 
 
 @triton.jit
-def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, dg, dg_chunk, H, K,
+def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dg_state, chunks, dq, dk, dg, H, K,
                                KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
                                TF32: tl.constexpr):
     """dq, dk of one chunk and BK-wide slice i_k of K: the state's shares plus the intra-chunk sums, taken pair by
-    pair as chunk_gla_intra_kernel takes A (each level's pairs as two products of factored rows); and q.dq - k.dk
-    per key, the gate's gradient before its suffix sum, with its sum over the chunk (dg_chunk)."""
+    pair as chunk_gla_intra_kernel takes A (each level's pairs as two products of factored rows); and the gate's
+    gradient per key. At token t that is the sum of q.dq - k.dk over the rest of its sequence (plus the final
+    state's share), taken as the sum inside the chunk plus what lies after it, sum_v h_L dh_L for the state h_L at
+    the chunk's end and its gradient dh_L: exp(G_L) sum_v h dh (dg_state) + sum_j k_j dk_j from the state's share of
+    dk. A suffix sum over the whole sequence instead cancels: it lost two digits by T = 8192."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     i_k = tl.program_id(1)
     o_j = tl.arange(0, BT)
@@ -304,12 +314,14 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, chunks, dq, dk, 
         b_dq += e * _tree_dot(b_dAl, b_ke, b_q, TF32)
         b_dk += e * _tree_dot(tl.trans(b_dAl), b_qe, b_q, TF32)
     b_dq += tl.load(dq_inter + p, mask=m, other=0.)
-    b_dk += tl.load(dk_inter + p, mask=m, other=0.)
+    b_dk_state = tl.load(dk_inter + p, mask=m, other=0.)
+    b_dk += b_dk_state
     tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=m)
     tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
+    b_later = (tl.load(dg_state + tl.program_id(0).to(tl.int64) * K + o_k, mask=mask_k, other=0.)
+               + tl.sum(b_k.to(tl.float32) * b_dk_state, 0))
     b_dg = tl.where(m, b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 0.)
-    tl.store(dg + p, b_dg, mask=m)
-    tl.store(dg_chunk + tl.program_id(0).to(tl.int64) * K + o_k, tl.sum(b_dg, 0), mask=mask_k)
+    tl.store(dg + p, tl.cumsum(b_dg, 0, reverse=True) + b_later[None, :], mask=m)
 
 
 @triton.jit
@@ -341,23 +353,6 @@ def chunk_gla_bwd_dv_kernel(k, g, do, dstates, A, chunks, dv, H, K, V,
     b_A = tl.load(A + (o_t[:, None] * H + i_h) * BT + tl.arange(0, BT)[None, :], mask=mask_t[:, None], other=0.)
     b_dv += _dot(tl.trans(b_A).to(b_do.dtype), b_do)
     tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def chunk_gla_gate_grad_kernel(dg_token, dg_later, chunks, dg, H, K,
-                               KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
-    """The per-key gate's gradient: at each token, the sum of q.dq - k.dk over the rest of its sequence, that is
-    the suffix sum inside its chunk plus dg_later (the later chunks' sums and the final state's share)."""
-    i_ch = tl.program_id(0)
-    i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
-    o_t = t0 + tl.arange(0, BT)
-    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask_k = o_k < K
-    m = (o_t < t1)[:, None] & mask_k[None, :]
-    p = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    b_dg = tl.cumsum(tl.load(dg_token + p, mask=m, other=0.), 0, reverse=True)
-    b_dg += tl.load(dg_later + i_ch.to(tl.int64) * K + o_k, mask=mask_k, other=0.)[None, :]
-    tl.store(dg + p, b_dg, mask=m)
 
 
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk.md (H100, bf16, K=V=128) -------------
@@ -423,9 +418,9 @@ SPECS = [
     OpSpec(
         name="chunk_gla_intra",
         kernel=chunk_gla_intra_kernel,
-        doc="GLA's intra-chunk scores A [B, T, H, 64] (float32, scaled, zero above the diagonal).",
+        doc="GLA's intra-chunk scores A [B, T, H, 64] (in q's dtype, scaled, zero above the diagonal).",
         args=[*_qk(), _GCUM, _CHUNKS, Float("scale")],
-        outputs=[Output("A", f"B T H {CHUNK}", dtype="float32")],
+        outputs=[Output("A", f"B T H {CHUNK}", dtype_of="q")],
         axes=_AXES_QK,
         launch_config=_intra_config,
         grid=["C * H"],
@@ -435,7 +430,7 @@ SPECS = [
         kernel=chunk_gla_fwd_o_kernel,
         doc="GLA's output from each chunk's starting state and its intra-chunk scores.",
         args=[Tensor("q", "B T H K", dtypes=FLOAT_DTYPES), Tensor("v", "B T H V", same_dtype_as="q"), _GCUM,
-              Tensor("states", "C H K V", same_dtype_as="q"), Tensor("A", f"B T H {CHUNK}", dtypes=["float32"]),
+              Tensor("states", "C H K V", same_dtype_as="q"), Tensor("A", f"B T H {CHUNK}", same_dtype_as="q"),
               _CHUNKS, Float("scale")],
         outputs=[Output("o", "B T H V", dtype_of="q")],
         axes=_AXES_QKV,
@@ -450,7 +445,7 @@ SPECS = [
               Tensor("states", "C H K V", same_dtype_as="v"), Tensor("dstates", "C H K V", same_dtype_as="v"),
               _CHUNKS, Float("scale")],
         outputs=[Output("dq", "B T H K", dtype="float32"), Output("dk", "B T H K", dtype="float32"),
-                 Output("dA", f"B T H {CHUNK}", dtype="float32")],
+                 Output("dA", f"B T H {CHUNK}", dtype="float32"), Output("dg_state", "C H K", dtype="float32")],
         axes=[DtypeAxis("v"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_inter_config,
         grid=["C * H", "cdiv(K, BK)"],
@@ -458,13 +453,12 @@ SPECS = [
     OpSpec(
         name="chunk_gla_bwd_intra",
         kernel=chunk_gla_bwd_intra_kernel,
-        doc="GLA backward: dq, dk (the states' shares plus the intra-chunk sums) and the gate's per-key gradient "
-            "before its suffix sum.",
+        doc="GLA backward: dq, dk (the states' shares plus the intra-chunk sums) and the gate's per-key gradient.",
         args=[*_qk(), _GCUM, Tensor("dA", f"B T H {CHUNK}", dtypes=["float32"]),
               Tensor("dq_inter", "B T H K", dtypes=["float32"]), Tensor("dk_inter", "B T H K", dtypes=["float32"]),
-              _CHUNKS],
+              Tensor("dg_state", "C H K", dtypes=["float32"]), _CHUNKS],
         outputs=[Output("dq", "B T H K", dtype_of="q"), Output("dk", "B T H K", dtype_of="q"),
-                 Output("dg", "B T H K", dtype="float32"), Output("dg_chunk", "C H K", dtype="float32")],
+                 Output("dg", "B T H K", dtype="float32")],
         axes=_AXES_QK,
         launch_config=_bwd_intra_config,
         grid=["C * H", "cdiv(K, BK)"],
@@ -474,22 +468,11 @@ SPECS = [
         kernel=chunk_gla_bwd_dv_kernel,
         doc="GLA backward: dv.",
         args=[Tensor("k", "B T H K", dtypes=FLOAT_DTYPES), _GCUM, Tensor("do", "B T H V", same_dtype_as="k"),
-              Tensor("dstates", "C H K V", same_dtype_as="k"), Tensor("A", f"B T H {CHUNK}", dtypes=["float32"]),
+              Tensor("dstates", "C H K V", same_dtype_as="k"), Tensor("A", f"B T H {CHUNK}", same_dtype_as="k"),
               _CHUNKS],
         outputs=[Output("dv", "B T H V", dtype_of="k")],
         axes=[DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_dv_config,
         grid=["C * H", "cdiv(V, BV)"],
-    ),
-    OpSpec(
-        name="chunk_gla_gate_grad",
-        kernel=chunk_gla_gate_grad_kernel,
-        doc="GLA backward: the per-key gate's gradient from its per-token terms and each chunk's later sum.",
-        args=[Tensor("dg_token", "B T H K", dtypes=["float32"]), Tensor("dg_later", "C H K", dtypes=["float32"]),
-              _CHUNKS],
-        outputs=[Output("dg", "B T H K", dtype="float32")],
-        axes=[BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])],
-        launch_config=lambda KP, **_: dict(BK=min(KP, 64), BT=CHUNK, num_warps=4, num_stages=1),
-        grid=["C * H", "cdiv(K, BK)"],
     ),
 ]

@@ -3,8 +3,8 @@
 chunk_simple_gla, chunk_retention, chunk_linear_attn and chunk_gla are one computation (triton_src/chunk.py): a state
 pass over chunks of 64 tokens, split into segments scanned in parallel when the batch alone would not fill
 the GPU, with the outputs computed as the pass goes. The backward reruns the pass to get each chunk's state,
-runs it in reverse for the state gradients, then takes dq, dk, dv per chunk; the gate's gradient is the suffix
-sum of q.dq - k.dk over the sequence (plus the final state's share). GLA's per-key gate shares the state pass
+runs it in reverse for the state gradients, then takes dq, dk, dv per chunk, and the gate's gradient per chunk from the
+same states (the sum over the chunk's later tokens and those after it, taken from the state at its end). GLA's per-key gate shares the state pass
 but takes its outputs and gradients per chunk from the states, in kernels of its own (triton_src/chunk_gla.py).
 CPU tensors run the reference.
 """
@@ -23,8 +23,7 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 # the manifest ops these ops run, by name (tests and tools/tune_chunk.py swap them for Triton launches)
 _ops = {name: OPS[name] for name in ("chunk_scan", "chunk_combine", "chunk_fixup", "chunk_bwd_dqk", "chunk_bwd_dv",
                                      "chunk_gla_scan", "chunk_gk_cumsum", "chunk_gla_intra", "chunk_gla_fwd_o",
-                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv",
-                                     "chunk_gla_gate_grad")}
+                                     "chunk_gla_bwd_inter", "chunk_gla_bwd_intra", "chunk_gla_bwd_dv")}
 
 # Split sequences into segments until (segments x heads) reaches this many per SM: the state pass then
 # fills the GPU at batch 1. A segment costs one more read of its keys and values.
@@ -41,8 +40,7 @@ SPLIT_FIXUP = {"chunk_scan": "rescan", "chunk_gla_scan": "correct"}
 class _Tables:
     """Where the chunks and segments of a batch lie, as the kernels read them (int32 on the device):
     segments [S, 4] = (sequence, first token, end token, first chunk), chunks [C, 4] = (sequence, first token,
-    end token, segment), seg_offsets [N + 1] = each sequence's first segment; plus token -> sequence and chunk ->
-    sequence maps for the gate gradient."""
+    end token, segment), seg_offsets [N + 1] = each sequence's first segment."""
 
     def __init__(self, lengths, seg_chunks, device):
         segments, chunks, seg_offsets = [], [], [0]
@@ -64,14 +62,6 @@ class _Tables:
         self.seg_offsets = torch.tensor(seg_offsets, **as_int32)
         self.single = len(segments) == len(lengths)  # one segment per sequence: no combine step
         self.lengths = lengths
-        ends = torch.tensor(lengths, device=device).cumsum(0)
-        lengths_t = torch.tensor(lengths, device=device)
-        self.token_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t,
-                                                 output_size=bos)
-        self.token_end = ends[self.token_seq]
-        self.chunk_seq = self.chunks[:, 0].long()
-        self.chunk_last = (torch.tensor([len(chunks)], device=device) if not chunks else
-                           torch.searchsorted(self.chunk_seq, self.chunk_seq, right=True) - 1)
 
 
 _TABLES = OrderedDict()
@@ -130,45 +120,11 @@ def _scan(x, y, q, g, g_gamma, h0, tabs, scale, state_v_first, store_states, out
     return o, states, ht
 
 
-def _final_state_share(ht, dht, per_key, state_v_first):
-    # every step's gate scales the final state: sum(ht * dht) per sequence and head (and key), [N, H(, K)]
-    final = ht * dht  # [N, H, K, V] (or [N, H, V, K])
-    return final.sum(-2 if state_v_first else -1) if per_key else final.sum((-2, -1))
-
-
-def _gla_gate_grad(dg_token, dg_chunk, ht, dht, tabs, state_v_first):
-    """GLA's dL/dgk: per token, the sum of q.dq - k.dk over the rest of its sequence (plus the final state's
-    share): each chunk's later chunks summed here ([C, H, K], small), the rest in chunk_gla_gate_grad."""
-    prefix = dg_chunk.cumsum(0)
-    later = prefix[tabs.chunk_last] - prefix
-    if dht is not None:
-        later = later + _final_state_share(ht, dht, True, state_v_first)[tabs.chunk_seq]
-    return _ops["chunk_gla_gate_grad"](dg_token, later.contiguous(), tabs.chunks)[0]
-
-
-def _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first):
-    """dL/dg_t: the sum over t' >= t in t's sequence of q.dq - k.dk at t' (per key for GLA's [B, T, H, K] gate),
-    plus the final state's sum(ht * dht) (every step's gate scales the final state)."""
-    # suffix sum = row total - prefix sum + own term, with the scan along the innermost dim (torch's scan over
-    # T in a [B, T, H] tensor is an order of magnitude slower)
-    x = dg_token.movedim(1, -1).contiguous()  # [B, H, (K,) T]
-    prefix = x.cumsum(-1)
-    if varlen:
-        end = torch.cat([prefix.new_zeros(*prefix.shape[:-1], 1), prefix], -1)[..., tabs.token_end]
-    else:
-        end = prefix[..., -1:]
-    total = (end - prefix + x).movedim(-1, 1)
-    if dht is not None:
-        final = _final_state_share(ht, dht, dg_token.dim() == 4, state_v_first)
-        total = total + (final[tabs.token_seq][None] if varlen else final[:, None])
-    return total
-
-
 class _ChunkFunction(torch.autograd.Function):
     """g is a scalar gate [B, T, H] or, with gla, GLA's per-key gate [B, T, H, K]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, varlen, gla):
+    def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, gla):
         if gla:
             gs = _ops["chunk_gk_cumsum"](g, tabs.chunks)[0]  # GLA's kernels read the gate summed per chunk
             _, states, ht = _scan(k, v, None, gs, None, initial_state, tabs, scale, state_v_first, True,
@@ -179,15 +135,15 @@ class _ChunkFunction(torch.autograd.Function):
             gs, A = g, None
             o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,
                              output_final_state, False, False)
-        ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, ht, A)
-        ctx.args = (scale, state_v_first, tabs, varlen, gla)
+        ctx.save_for_backward(q, k, v, g, gs, g_gamma, initial_state, A)
+        ctx.args = (scale, state_v_first, tabs, gla)
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gs, g_gamma, initial_state, ht, A = ctx.saved_tensors
-        scale, state_v_first, tabs, varlen, gla = ctx.args
+        q, k, v, g, gs, g_gamma, initial_state, A = ctx.saved_tensors
+        scale, state_v_first, tabs, gla = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
         _, states, _ = _scan(k, v, None, gs, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False,
@@ -195,18 +151,15 @@ class _ChunkFunction(torch.autograd.Function):
         _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
                                 initial_state is not None, True, gla)
         if gla:
-            dq_inter, dk_inter, dA = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks, scale)
-            dq, dk, dg_token, dg_chunk = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, tabs.chunks)
+            dq_inter, dk_inter, dA, dg_state = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks,
+                                                                          scale)
+            dq, dk, dg = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, dg_state, tabs.chunks)
             (dv,) = _ops["chunk_gla_bwd_dv"](k, gs, do, dstates, A, tabs.chunks)
         else:
-            dq, dk, dg_token = _ops["chunk_bwd_dqk"](q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
+            dq, dk, dg = _ops["chunk_bwd_dqk"](q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
             (dv,) = _ops["chunk_bwd_dv"](q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
-        dg = None
-        if g is not None and ctx.needs_input_grad[3]:
-            dg = (_gla_gate_grad(dg_token, dg_chunk, ht, dht, tabs, state_v_first) if gla else
-                  _gate_grad(dg_token, ht, dht, tabs, varlen, state_v_first)).to(g.dtype)
-        return (dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None,
-                None)
+        dg = dg.to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
+        return (dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None)
 
 
 def _check(op, q, k, v, g, g_gamma, initial_state, state_v_first, N, gla):
@@ -289,7 +242,7 @@ def _chunk(op, q, k, v, g, g_gamma, scale, initial_state, output_final_state, st
     g = None if g is None else g.contiguous()
     initial_state = None if initial_state is None else initial_state.contiguous()
     o, ht = _ChunkFunction.apply(q, k, v, g, g_gamma, initial_state, float(scale), bool(state_v_first),
-                                 bool(output_final_state), tabs, cu_seqlens is not None, gla)
+                                 bool(output_final_state), tabs, gla)
     return o, (ht if output_final_state else None)
 
 
