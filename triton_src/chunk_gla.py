@@ -363,10 +363,9 @@ LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHU
 # B=8 T=2048 on an H200, per forward + backward step (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
 # 0.427; the column loop before: 0.667, 0.611 in its PREFETCH form), the backward 0.757 (BK=64, 8 warps: 0.816;
 # before: 1.799, PREFETCH 1.393). With float32 inputs these spill (ptxas, sm_90): a correctness path, not tuned.
-# TF32 (off: not yet timed) takes the tree's products in tf32. In the CPU interpreter (float32 inputs, T=2048, the
-# operands rounded as the products would round them) the gate's gradient was 6.0e-2 from float64 with 7 bits of
-# mantissa (bfloat16; dq, dk 3.2e-3), 9.0e-3 with 10 (float16, as tf32 keeps; dq 1.5e-4); fla-core 0.6.0's
-# bfloat16 gradients differ from these kernels' by 4.9e-2 at B=8 T=2048 (H200).
+# TF32 (off: not yet timed) takes the tree's products in tf32. The tree's rows rounded to bfloat16 are what is left
+# of the gate gradient's error: 8.8e-3 from the float32 recurrence on the H200 (fla-core 0.6.0: 5.6e-4), about 1.1e-3
+# with tf32 products in the float64 replay of tools/gla_gate_grad_rounding.py (docs/tuning/chunk.md).
 def _intra_config(KP, **_):
     # per level one batched product of its blocks (no 64 x 64 accumulator): H200, chunk_gla_intra alone in a
     # fwd+bwd step, BK=16 on 4 warps, 1 stage 0.373 / 0.376 / 0.732 ms (BK=64: 0.380; the one-accumulator kernel
