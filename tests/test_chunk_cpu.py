@@ -392,3 +392,20 @@ def test_head_first(op):
     assert o.shape == kw["v"].shape
     with pytest.raises(TypeError, match="head_first"):
         OPS[op](**kw, head_first=True)
+
+
+def test_gla_gate_gradient_per_chunk_is_exact():
+    """The per-chunk form of GLA's gate gradient that the backward kernels take (the sum inside the chunk plus
+    sum_v h_L dh_L after it), replayed in float64 by tools/gla_gate_grad_rounding.py, equals the recurrence's dg
+    (T not a multiple of the chunk); rounding the pairing tree's rows to bfloat16 in the replay shows."""
+    import torch.nn.functional as F
+
+    from tools.gla_gate_grad_rounding import BF16, exact, replay
+    gen = torch.Generator().manual_seed(0)
+    T, K, V = 150, 16, 24
+    q, k = (torch.randn(T, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v, do = (torch.randn(T, V, generator=gen, dtype=torch.float64) for _ in range(2))
+    g = F.logsigmoid(torch.randn(T, K, generator=gen, dtype=torch.float64))
+    dg, before, later = exact(q, k, v, do, g, K ** -0.5)
+    assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, None, None, None), dg) < 1e-12
+    assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, BF16, None, None), dg) > 1e-4
