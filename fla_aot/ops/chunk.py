@@ -8,7 +8,6 @@ same states (the sum over the chunk's later tokens and those after it, taken fro
 but takes its outputs and gradients per chunk from the states, in kernels of its own (triton_src/chunk_gla.py).
 CPU tensors run the reference.
 """
-import math
 from collections import OrderedDict
 
 import torch
