@@ -11,10 +11,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fla_aot.ops as ops
 from fla_aot.ops.fused_recurrent import retention_log_decay
 from tests.chunk_cases import OPS, flat_states, make_inputs, rel_err
+from tools.gla_gate_grad_rounding import BF16, exact, replay
 
 F64 = torch.float64
 
@@ -398,9 +400,6 @@ def test_gla_gate_gradient_per_chunk_is_exact():
     """The per-chunk form of GLA's gate gradient that the backward kernels take (the sum inside the chunk plus
     sum_v h_L dh_L after it), replayed in float64 by tools/gla_gate_grad_rounding.py, equals the recurrence's dg
     (T not a multiple of the chunk); rounding the pairing tree's rows to bfloat16 in the replay shows."""
-    import torch.nn.functional as F
-
-    from tools.gla_gate_grad_rounding import BF16, exact, replay
     gen = torch.Generator().manual_seed(0)
     T, K, V = 150, 16, 24
     q, k = (torch.randn(T, K, generator=gen, dtype=torch.float64) for _ in range(2))

@@ -3,9 +3,10 @@
 chunk_simple_gla, chunk_retention, chunk_linear_attn and chunk_gla are one computation (triton_src/chunk.py): a state
 pass over chunks of 64 tokens, split into segments scanned in parallel when the batch alone would not fill
 the GPU, with the outputs computed as the pass goes. The backward reruns the pass to get each chunk's state,
-runs it in reverse for the state gradients, then takes dq, dk, dv per chunk, and the gate's gradient per chunk from the
-same states (the sum over the chunk's later tokens and those after it, taken from the state at its end). GLA's per-key gate shares the state pass
-but takes its outputs and gradients per chunk from the states, in kernels of its own (triton_src/chunk_gla.py).
+runs it in reverse for the state gradients, then takes dq, dk, dv per chunk, and the gate's gradient per chunk from
+the same states (the sum over the chunk's later tokens and those after it, taken from the state at its end). GLA's
+per-key gate shares the state pass but takes its outputs and gradients per chunk from the states, in kernels of its
+own (triton_src/chunk_gla.py).
 CPU tensors run the reference.
 """
 from collections import OrderedDict
