@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import fla_aot.ops as ops
+import fla_aot.ops.chunk_delta as chunk_delta
+import fla_aot.ops.utils as utils
 from fla_aot.reference import fused_recurrent_reference
 from tests.fused_recurrent_cases import rel_err
 
@@ -119,6 +121,65 @@ def test_in_kernel_options(flags):
 
 def test_long_sequence():
     check(make_inputs(B=1, T=2048, H=2, K=64, V=64, gate="weak"))
+
+
+@pytest.mark.parametrize("slices", [64, 32, 16])
+def test_state_pass_slicings(monkeypatch, slices):
+    """Each V slicing of the state passes (chosen from the batch and SM count: _slicing), on one small batch."""
+    monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
+    check(make_inputs(B=1, T=330, H=2, HV=4, K=128, V=128, lengths=(70, 0, 260), gate="strong",
+                      state_v_first=True))
+
+
+def _fwd_bwd(kw):
+    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in kw.items()
+              if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    o, ht = ops.chunk_gated_delta_rule(**dict(kw, **leaves), output_final_state=True)
+    cots = [torch.sin(7 * x.detach().float() + 0.3).to(x.dtype) for x in (o, ht)]  # no RNG: graph-capturable
+    grads = torch.autograd.grad((o, ht), list(leaves.values()), cots)
+    return (o.detach(), ht.detach()), dict(zip(leaves, grads))
+
+
+def test_two_streams_match_one(monkeypatch):
+    """The backward's state pass overlaps the output's share of dv_new on a second stream (utils.Concurrent):
+    the same results as in order, also when the caller runs on a stream of its own."""
+    kw = make_inputs(B=2, T=300, H=2, HV=4, K=128, V=128, gate="strong")
+    monkeypatch.setattr(utils, "CONCURRENT", False)
+    want_outs, want_grads = _fwd_bwd(kw)
+    monkeypatch.setattr(utils, "CONCURRENT", True)
+    user = torch.cuda.Stream()
+    user.wait_stream(torch.cuda.current_stream())
+    for stream in (torch.cuda.current_stream(), user):
+        with torch.cuda.stream(stream):
+            outs, grads = _fwd_bwd(kw)
+        torch.cuda.current_stream().wait_stream(stream)
+        for got, want in zip(outs, want_outs, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for name, want in want_grads.items():  # the gate's terms are summed with atomics: the order may differ
+            assert torch.isfinite(grads[name]).all() and rel_err(grads[name], want) < 1e-6, name
+
+
+def test_cuda_graph_capture_of_the_backward():
+    static = make_inputs(B=2, T=130, seed=1)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the capture
+            _fwd_bwd(static)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs_static, grads_static = _fwd_bwd(static)
+    for seed in range(2, 4):
+        fresh = make_inputs(B=2, T=130, seed=seed)
+        for name, x in fresh.items():
+            static[name].copy_(x)
+        graph.replay()
+        outs, grads = _fwd_bwd(fresh)
+        for got, want in zip(outs_static, outs, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for name, want in grads.items():
+            assert rel_err(grads_static[name], want) < 1e-6, name
 
 
 def test_no_grad_forward_matches():

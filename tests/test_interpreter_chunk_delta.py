@@ -39,19 +39,20 @@ def interpreted(monkeypatch):
 
 
 CASES = {
-    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first, narrow state-pass slices)
-    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False, False),
-    "gated_weak_v_first_narrow": (1, None, 1, 1, 32, 20, "weak", True, True, True),
-    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False, False),
-    "plain_no_h0_narrow": (1, None, 1, 1, 16, 40, None, False, False, True),
-    "plain_varlen_v_first_narrow": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, True, True),
+    # name: (B, lengths or None, H, HV, K, V, gate, initial state, state_v_first, state-pass V slices 64/32/16)
+    "gated_grouped": (2, None, 2, 4, 16, 32, "strong", True, False, 64),
+    "gated_weak_v_first_narrowest": (1, None, 1, 1, 32, 20, "weak", True, True, 16),
+    "plain_varlen": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, False, 64),
+    "plain_no_h0_narrow": (1, None, 1, 1, 16, 40, None, False, False, 32),
+    "plain_varlen_v_first_narrowest": (1, (0, 70, 5, 130), 1, 2, 20, 16, None, True, True, 16),
+    "gated_grouped_v_first_narrow": (1, (0, 70, 0, 130), 2, 4, 32, 40, "strong", True, True, 32),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
-    B, lengths, H, HV, K, V, gate, with_h0, v_first, narrow = CASES[case]
-    monkeypatch.setattr(chunk_delta, "_narrow", lambda tabs, v: narrow)
+    B, lengths, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
+    monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
     T = 150 if lengths is None else sum(lengths)
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)

@@ -4,6 +4,7 @@
     python tools/tune_chunk.py [--out docs/tuning/chunk.md] [--kernels chunk_gla_scan,...] [--no-split] [--fixup]
     python tools/tune_chunk.py --breakdown gla      # the GPU time of each kernel, frozen configs
     python tools/tune_chunk.py --breakdown gla --aot  # the same for the installed package's cubins (what ships)
+    python tools/tune_chunk.py --streams [gla delta ...]  # end to end, installed cubins: one stream against two
 
 Runs chunk_simple_gla (gate g) or, for GLA's kernels, chunk_gla, for the delta rule's, chunk_gated_delta_rule,
 forward + backward (bf16, H=16, K=V=128) at the benchmark shapes B=8 T=2048, B=2 T=8192 and B=1 T=32768 with the manifest ops of fla_aot.ops.chunk replaced by
@@ -14,6 +15,7 @@ GPU time per step is read from torch.profiler (host overhead excluded). Also tim
 """
 import argparse
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -24,11 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops as ops  # noqa: E402
 import fla_aot.ops.chunk as chunk  # noqa: E402
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
+import fla_aot.ops.utils as utils  # noqa: E402
+from benchmarks._harness import event_time_per_call  # noqa: E402
 from tools.jit_launch import jit_runner, kernel_times_ms  # noqa: E402
 from triton_src import chunk as chunk_src, chunk_delta as chunk_delta_src, chunk_gla as chunk_gla_src  # noqa: E402
 
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 SPECS = chunk_src.SPECS + chunk_gla_src.SPECS + chunk_delta_src.SPECS
+OPS_AOT = {**chunk._ops, **chunk_delta._ops}  # the installed cubins, before any is swapped for a JIT launch
 
 
 def install(name, runner):
@@ -37,7 +42,7 @@ def install(name, runner):
 
 def family(name):
     """The op whose forward + backward runs the kernel `name`."""
-    if name.startswith("chunk_gla") or name == "chunk_fixup":  # only GLA's split passes correct their states
+    if name.startswith("chunk_gla") or name in ("chunk_fixup", "chunk_gk_cumsum"):  # fixup: GLA corrects its splits
         return "gla"
     return "delta" if name.startswith("chunk_delta") else "simple_gla"
 
@@ -80,31 +85,79 @@ def candidates(name):
     elif name == "chunk_fixup":  # memory-bound: a state tile read, corrected and written per program
         for bv, w in itertools.product([16, 32, 64, 128], [4, 8]):
             yield f"BV={bv} warps={w}", {}, dict(BV=bv, num_warps=w, num_stages=1)
+    elif name == "chunk_gk_cumsum":  # memory-bound: the gate read once, its sums written once
+        for bk, w in itertools.product([16, 32, 64, 128], [1, 2, 4, 8]):
+            yield f"BK={bk} warps={w}", {}, dict(BK=bk, num_warps=w, num_stages=1)
     elif name == "chunk_gla_scan":
         for bv, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2, 3]):
             yield f"BV={bv} warps={w} stages={s}", {}, dict(BV=bv, num_warps=w, num_stages=s)
 
 
-def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
-    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla (or chunk_gla,
-    chunk_gated_delta_rule)."""
+def _op_calls(B, T, op):
+    """(forward, forward + backward) of chunk_simple_gla, chunk_gla, chunk_gated_delta_rule ("delta") or
+    chunk_delta_rule ("delta_rule") on random inputs (bf16, H=16, K=V=128)."""
     H, K = 16, 128
     torch.manual_seed(0)
     leaves = [torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-    if op == "delta":
+    delta = op in ("delta", "delta_rule")
+    if delta:
         leaves[1] = F.normalize(leaves[1].float(), dim=-1).to(torch.bfloat16)
     g = F.logsigmoid(torch.randn(B, T, H, *([K] if op == "gla" else []), device="cuda"))
     beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
     leaves = [x.requires_grad_() for x in leaves + [g, beta]]
+    if op == "delta_rule":
+        del leaves[3]
+    elif not delta:
+        del leaves[4]
     do = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    fn = {"delta": ops.chunk_gated_delta_rule, "delta_rule": ops.chunk_delta_rule, "gla": ops.chunk_gla,
+          "simple_gla": ops.chunk_simple_gla}[op]
+
+    def forward():
+        return fn(*leaves)[0]
 
     def step():
-        if op == "delta":
-            o, _ = ops.chunk_gated_delta_rule(*leaves)
-        else:
-            o, _ = (ops.chunk_gla if op == "gla" else ops.chunk_simple_gla)(*leaves[:4])
-        torch.autograd.grad(o, leaves if op == "delta" else leaves[:4], do)
-    return kernel_times_ms(step, kernel_names, steps)
+        torch.autograd.grad(forward(), leaves, do)
+    return forward, step
+
+
+def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
+    """Per-step GPU time of each kernel (by name) over forward + backward of chunk_simple_gla (or chunk_gla,
+    chunk_gated_delta_rule)."""
+    return kernel_times_ms(_op_calls(B, T, op)[1], kernel_names, steps)
+
+
+def stream_times(ops_to_time, jit_kernel=None, only=None):
+    """Wall time (CUDA events: the lower of two interleaved medians of 7 x 10 calls) of forward and forward +
+    backward of each op at each shape, with the independent kernels on one stream and on two
+    (fla_aot.ops.utils.CONCURRENT): markdown rows. With jit_kernel, that kernel runs through the JIT with each of
+    its candidate configs in turn (a kernel that overlaps another may want a config that leaves it room)."""
+    rows = ["| op | shape | config | pass | one stream ms | two streams ms | ratio |", "|---|---|---|---|---|---|---|"]
+    specs = {s.name: s for s in SPECS}
+    configs = [("frozen", None)]
+    if jit_kernel:
+        configs = [(f"{jit_kernel} {label}", (when, override)) for label, when, override in candidates(jit_kernel)
+                   if only is None or re.search(only, label)]
+    for op, (B, T), (config, cand) in itertools.product(ops_to_time, SHAPES, configs):
+        if cand:
+            install(jit_kernel, jit_runner(specs[jit_kernel], cand[1], cand[0]))
+        forward, step = _op_calls(B, T, op)
+        for label, fn in (("forward", forward), ("forward + backward", step)):
+            times = {}
+            try:
+                for concurrent in (False, True, False, True):  # interleaved: drift hits both alike
+                    utils.CONCURRENT = concurrent
+                    times.setdefault(concurrent, []).append(event_time_per_call(fn, n=10, repeats=7, warmup=3) * 1e3)
+            except Exception as e:  # e.g. out of shared memory or registers for this config
+                print(f"{op} B{B} T{T} {config}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                break
+            one, two = min(times[False]), min(times[True])
+            rows.append(f"| {op} | B{B} T{T} | {config} | {label} | {one:.3f} | {two:.3f} | {one / two:.3f}x |")
+            print(rows[-1], flush=True)
+    utils.CONCURRENT = True
+    if jit_kernel:
+        install(jit_kernel, OPS_AOT[jit_kernel])
+    return rows
 
 
 def main():
@@ -119,7 +172,18 @@ def main():
     p.add_argument("--aot", action="store_true",
                    help="with --breakdown: time the installed cubins, and torch's own kernels besides, instead of "
                         "JIT launches (a kernel compiled without what Triton's JIT specialises on differs)")
+    p.add_argument("--streams", nargs="*", default=None, choices=["gla", "simple_gla", "delta", "delta_rule"],
+                   help="only time these ops (default: all four) end to end, installed cubins, with their independent "
+                        "kernels on one stream and on two; with --kernels naming one kernel, that one through the JIT "
+                        "in each of its candidate configs")
+    p.add_argument("--only", default=None, help="with --streams: the candidate configs whose label matches this regex")
     args = p.parse_args()
+    if args.streams is not None:
+        text = "\n".join(stream_times(args.streams or ["gla", "simple_gla", "delta", "delta_rule"],
+                                       args.kernels if "," not in args.kernels else None, args.only))
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return
     specs = {s.name: s for s in SPECS}
     if not (args.breakdown and args.aot):
         for name in list(chunk._ops) + list(chunk_delta._ops):

@@ -162,7 +162,8 @@ def chunk_delta_wu_kernel(k, v, beta, gcum, Ai, chunks, w, u, beta_dtype, H, HV,
 
 @triton.jit
 def chunk_delta_state_kernel(k, w, u, gcum, h0, seqs, states, v_new, ht, h0_dtype, H, HV, K, V, state_v_first,
-                             output_ht, KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr):
+                             output_ht, KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr,
+                             NARROWEST: tl.constexpr):
     """One sequence's chunks in order, for one value head and BV-wide slice of V: stores the state each chunk
     starts from and v_new = u - w h, and updates h."""
     i_nh = tl.program_id(0)
@@ -257,7 +258,8 @@ def chunk_delta_bwd_dv_local_kernel(q, k, gcum, do, chunks, dv, scale, H, HV, K,
 @triton.jit
 def chunk_delta_bwd_state_kernel(q, k, w, gcum, do, dv_local, dht, seqs, dstates, dv_new, dh0, dht_dtype,
                                  scale, H, HV, K, V, state_v_first, output_dh0,
-                                 KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr):
+                                 KP: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NARROW: tl.constexpr,
+                                 NARROWEST: tl.constexpr):
     """One sequence's chunks in reverse: stores the state's gradient at each chunk's end and dv_new (the output's
     share plus the later states'), and steps dh back over the chunk."""
     i_nh = tl.program_id(0)
@@ -446,17 +448,25 @@ def _wy_bwd_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=1)
 
 
-def _state_config(KP, NARROW, **_):
-    # the state slice [KP, BV] in float32 stays in registers across the sequence. NARROW (fewer programs than SMs
-    # at BV=64, e.g. B=1 H=16): BV=16 spreads the pass over 4x the SMs, 1.28 ms per step at B=1 T=32768 against 2.11
-    if NARROW:
+def _state_config(KP, NARROW, NARROWEST, **_):
+    # the state slice [KP, BV] in float32 stays in registers across the sequence. When the sequences x heads in
+    # slices of 64 leave SMs idle, narrower slices spread the pass: BV=32 where that gives at least half as many
+    # programs as SMs (NARROW: e.g. B=2 H=16), else BV=16 (NARROWEST: e.g. B=1 H=16). H100, per step (two calls):
+    # BV=16 1.28 ms at B=1 T=32768 against 2.11 for BV=64; BV=32 0.40 ms at B=2 T=8192 against 0.46 for BV=16
+    # (docs/tuning/chunk_delta.md)
+    if NARROWEST:
         return dict(BV=16, BT=CHUNK, num_warps=4, num_stages=3)
+    if NARROW:
+        return dict(BV=32, BT=CHUNK, num_warps=4, num_stages=3)
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[KP], BT=CHUNK, num_warps=4, num_stages=2)
 
 
-def _bwd_state_config(KP, NARROW, **_):
-    if NARROW:
+def _bwd_state_config(KP, NARROW, NARROWEST, **_):
+    # H100: BV=32 0.54 ms at B=2 T=8192 against 0.91 for BV=16, BV=16 1.73 ms at B=1 T=32768 against 1.78
+    if NARROWEST:
         return dict(BV=16, BT=CHUNK, num_warps=8, num_stages=3)
+    if NARROW:
+        return dict(BV=32, BT=CHUNK, num_warps=8, num_stages=3)
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[KP], BT=CHUNK, num_warps=8, num_stages=3)
 
 
@@ -471,7 +481,8 @@ _GATE_DTYPES = ["float16", "bfloat16", "float32"]  # beta and g: a run-time dtyp
 _SEQS = Tensor("seqs", "N SF", dtypes=["int32"])  # per sequence: (sequence, first token, end token, first chunk)
 _AXES = [DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])]
 _GROUPED = [("HV", "H")]
-_NARROW = BoolAxis("NARROW", "narrow")  # the state passes: narrower V slices when the batch leaves SMs idle
+# the state passes: narrower V slices when the batch leaves SMs idle (fla_aot.ops.chunk_delta._slicing)
+_NARROW = [BoolAxis("NARROW", "narrow"), BoolAxis("NARROWEST", "narrowest")]
 
 SPECS = [
     OpSpec(
@@ -506,10 +517,10 @@ SPECS = [
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("w", "B T HV K", same_dtype_as="k"),
               Tensor("u", "B T HV V", same_dtype_as="k"), _GCUM,
               Tensor("h0", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
-              _SEQS, _CHUNKS, Bool("state_v_first"), Bool("output_ht"), Bool("narrow")],
+              _SEQS, _CHUNKS, Bool("state_v_first"), Bool("output_ht"), Bool("narrow"), Bool("narrowest")],
         outputs=[Output("states", "C HV K V", dtype_of="k"), Output("v_new", "B T HV V", dtype_of="k"),
                  Output("ht", "N HV K V", dtype="float32", when="output_ht", transposed_if="state_v_first")],
-        axes=[*_AXES, _NARROW],
+        axes=[*_AXES, *_NARROW],
         launch_config=_state_config,
         grid=["N * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,
@@ -545,10 +556,11 @@ SPECS = [
         args=[*_QK, Tensor("w", "B T HV K", same_dtype_as="q"), _GCUM, Tensor("do", "B T HV V", same_dtype_as="q"),
               Tensor("dv_local", "B T HV V", dtypes=["float32"]),
               Tensor("dht", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
-              _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0"), Bool("narrow")],
+              _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0"), Bool("narrow"),
+              Bool("narrowest")],
         outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype="float32"),
                  Output("dh0", "N HV K V", dtype="float32", when="output_dh0", transposed_if="state_v_first")],
-        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"]), _NARROW],
+        axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"]), *_NARROW],
         launch_config=_bwd_state_config,
         grid=["N * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,

@@ -54,11 +54,11 @@ def _key_slice(i_k, BK: tl.constexpr, K, o_t, mask_t, i_h, H):
 
 
 @triton.jit
-def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, BK: tl.constexpr, BT: tl.constexpr):
-    """GLA's gate summed up to each token of its chunk, per key, in float32."""
+def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """GLA's gate summed up to each token of its chunk, per key (a BK-wide slice of them), in float32."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     o_t = t0 + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
     m = (o_t < t1)[:, None] & (o_k < K)[None, :]
     off = (o_t[:, None] * H + i_h) * K + o_k[None, :]
     tl.store(gcum + off, tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0), mask=m)
@@ -360,6 +360,13 @@ def chunk_gla_bwd_dv_kernel(k, g, do, dstates, A, chunks, dv, H, K, V,
 LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHUNK rows
 
 
+def _cumsum_config(KP, **_):
+    # memory-bound: the gate read and its sums written once. H200, per chunk_gla step (tools/tune_chunk.py
+    # --kernels chunk_gk_cumsum): K in slices of 64 on 4 warps 0.065 / 0.065 / 0.129 ms, 32: 0.070 / 0.070 / 0.144,
+    # all of K in one program (before): 0.072 / 0.071 / 0.141
+    return dict(BK=min(KP, 64), BT=CHUNK, num_warps=4, num_stages=1)
+
+
 # B=8 T=2048 on an H200, per forward + backward step (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
 # 0.427; the column loop before: 0.667, 0.611 in its PREFETCH form), the backward 0.757 (BK=64, 8 warps: 0.816;
 # before: 1.799, PREFETCH 1.393). With float32 inputs these spill (ptxas, sm_90): a correctness path, not tuned.
@@ -410,9 +417,9 @@ SPECS = [
         doc="GLA's per-key gate summed within each chunk (float32).",
         args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), _CHUNKS],
         outputs=[Output("gcum", "B T H K", dtype="float32")],
-        axes=[BucketAxis("BK", "K", K_BUCKETS), AlignedAxis(["K"])],
-        launch_config=lambda BK, **_: dict(BT=CHUNK, num_warps=4, num_stages=1),
-        grid=["C * H"],
+        axes=[BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])],
+        launch_config=_cumsum_config,
+        grid=["C * H", "cdiv(K, BK)"],
     ),
     OpSpec(
         name="chunk_gla_intra",

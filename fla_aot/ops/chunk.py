@@ -6,7 +6,8 @@ the GPU, with the outputs computed as the pass goes. The backward reruns the pas
 runs it in reverse for the state gradients, then takes dq, dk, dv per chunk, and the gate's gradient per chunk from
 the same states (the sum over the chunk's later tokens and those after it, taken from the state at its end). GLA's
 per-key gate shares the state pass but takes its outputs and gradients per chunk from the states, in kernels of its
-own (triton_src/chunk_gla.py).
+own (triton_src/chunk_gla.py). In the backward the rerun of the pass overlaps the reverse one and dv on a second
+stream (utils.Concurrent).
 CPU tensors run the reference.
 """
 from collections import OrderedDict
@@ -15,7 +16,7 @@ import torch
 
 from fla_aot._registry import OPS
 from fla_aot.ops.fused_recurrent import retention_log_decay
-from fla_aot.ops.utils import check_cu_seqlens, check_kwargs
+from fla_aot.ops.utils import Concurrent, check_cu_seqlens, check_kwargs
 from fla_aot.reference import fused_recurrent_reference
 
 CHUNK = 64
@@ -146,18 +147,22 @@ class _ChunkFunction(torch.autograd.Function):
         scale, state_v_first, tabs, gla = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        _, states, _ = _scan(k, v, None, gs, g_gamma, initial_state, tabs, scale, state_v_first, True, False, False,
-                             gla)
-        _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
-                                initial_state is not None, True, gla)
+        # the two passes are independent: the forward's rerun beside the reverse one and then dv (dstates alone)
+        with Concurrent(q.device) as side:
+            _, states, _ = side(_scan, k, v, None, gs, g_gamma, initial_state, tabs, scale, state_v_first, True,
+                                False, False, gla)
+            _, dstates, dh0 = _scan(q, do, None, gs, g_gamma, dht, tabs, scale, state_v_first, True,
+                                    initial_state is not None, True, gla)
+            if gla:
+                (dv,) = _ops["chunk_gla_bwd_dv"](k, gs, do, dstates, A, tabs.chunks)
+            else:
+                (dv,) = _ops["chunk_bwd_dv"](q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
         if gla:
             dq_inter, dk_inter, dA, dg_state = _ops["chunk_gla_bwd_inter"](v, gs, do, states, dstates, tabs.chunks,
                                                                           scale)
             dq, dk, dg = _ops["chunk_gla_bwd_intra"](q, k, gs, dA, dq_inter, dk_inter, dg_state, tabs.chunks)
-            (dv,) = _ops["chunk_gla_bwd_dv"](k, gs, do, dstates, A, tabs.chunks)
         else:
             dq, dk, dg = _ops["chunk_bwd_dqk"](q, k, v, g, g_gamma, do, states, dstates, tabs.chunks, scale)
-            (dv,) = _ops["chunk_bwd_dv"](q, k, g, g_gamma, do, dstates, tabs.chunks, scale)
         dg = dg.to(g.dtype) if g is not None and ctx.needs_input_grad[3] else None
         return (dq, dk, dv, dg, None, (dh0 if initial_state is not None else None), None, None, None, None, None)
 

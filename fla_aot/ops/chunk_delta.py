@@ -13,7 +13,7 @@ import torch
 
 from fla_aot._registry import OPS
 from fla_aot.ops.chunk import _tables, sm_count
-from fla_aot.ops.utils import check_cu_seqlens, check_kwargs, gated_delta_gate
+from fla_aot.ops.utils import Concurrent, check_cu_seqlens, check_kwargs, gated_delta_gate
 from fla_aot.reference import fused_recurrent_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -26,18 +26,21 @@ _ops = {name: OPS[name] for name in ("chunk_delta_solve", "chunk_delta_wu", "chu
                                      "chunk_delta_bwd_wy")}
 
 
-def _narrow(tabs, v):
-    """Whether the state passes should take narrow V slices: the sequences x heads alone, in slices of 64, would
-    leave SMs idle."""
-    return v.is_cuda and len(tabs.lengths) * v.shape[2] * -(-v.shape[3] // 64) < sm_count(v.device)
+def _slicing(tabs, v):
+    """(narrow, narrowest): how narrow the V slices of the state passes should be. Sequences x heads in slices of
+    64 that leave SMs idle take slices of 32, or of 16 when even those would give fewer programs than half the
+    SMs (triton_src/chunk_delta.py, _state_config)."""
+    if not v.is_cuda:
+        return False, False
+    programs = len(tabs.lengths) * v.shape[2] * -(-v.shape[3] // 64)
+    sms = sm_count(v.device)
+    return programs < sms, 2 * programs < sms // 2
 
 
-def _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state):
-    """w, u, then the state pass: (w, the states at chunk starts, v_new, the final state)."""
-    w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
-    states, v_new, ht = _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks,
-                                                  state_v_first, output_final_state, _narrow(tabs, v))
-    return w, states, v_new, ht
+def _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state):
+    """The chunk-to-chunk pass: (the states at chunk starts, v_new, the final state)."""
+    return _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks, state_v_first,
+                                     output_final_state, *_slicing(tabs, u))
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
@@ -47,7 +50,8 @@ class ChunkDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, state_v_first, output_final_state, tabs):
         Ai, gcum = _ops["chunk_delta_solve"](k, beta, g, tabs.chunks)
-        _, states, v_new, ht = _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, output_final_state)
+        w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
+        states, v_new, ht = _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state)
         (o,) = _ops["chunk_delta_fwd_o"](q, k, v_new, gcum, states, tabs.chunks, scale)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, Ai, gcum)
         ctx.args = (scale, state_v_first, tabs)
@@ -60,11 +64,13 @@ class ChunkDeltaFunction(torch.autograd.Function):
         scale, state_v_first, tabs = ctx.args
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        w, states, v_new, _ = _states(k, v, beta, Ai, gcum, initial_state, tabs, state_v_first, False)
-        (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
+        w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
+        with Concurrent(q.device) as side:  # the state pass rerun beside the output's share of dv_new
+            states, v_new, _ = side(_state_pass, k, w, u, gcum, initial_state, tabs, state_v_first, False)
+            (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
         dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
                                                              tabs.chunks, scale, state_v_first,
-                                                             initial_state is not None, _narrow(tabs, v))
+                                                             initial_state is not None, *_slicing(tabs, v))
         dq, dk_state, dw, dG = _ops["chunk_delta_bwd_dqkw"](q, k, v_new, gcum, do, dv_new, states, dstates,
                                                             tabs.chunks, scale)
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)

@@ -1,5 +1,11 @@
-"""Argument handling shared by the ops: fla's **kwargs, cu_seqlens checks, the forward-only autograd guard."""
+"""Shared by the ops: fla's **kwargs, cu_seqlens checks, the forward-only autograd guard, and two streams for
+independent kernels of one op."""
 import torch
+
+# Whether ops overlap their independent kernels on two streams (Concurrent); tests and tools/tune_chunk.py switch it
+# off to compare.
+CONCURRENT = True
+_PRIORITY_STREAMS = {}
 
 
 def check_kwargs(op, kwargs):
@@ -83,3 +89,48 @@ def forward_only(op, outputs, inputs):
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
         return _ForwardOnly.apply(op, tuple(outputs), *[x for x in inputs if isinstance(x, torch.Tensor)])
     return outputs
+
+
+class Concurrent:
+    """Overlaps a latency-bound kernel chain with independent work of the same op:
+
+        with Concurrent(device) as side:
+            states = side(state_pass, ...)  # on a high-priority stream, after all work queued so far
+            A = other_kernel(...)            # on the current stream, meanwhile
+        # here the current stream has waited for the side stream
+
+    A state pass walks its chunks in order on few programs; on a stream of higher priority its blocks are placed
+    first and the other kernel's many short blocks fill the SMs around them where registers allow (measured in
+    docs/tuning/chunk.md: up to 4% on simple GLA's backward, about 1% on the delta rules'). Tensors that side()
+    returns are marked as used by the current stream (the caching allocator then does not reuse their memory
+    early). Under torch.compile tracing, or with CONCURRENT off, side(fn, ...) is fn(...) in order. CUDA-graph
+    capture records the fork and the join (the side stream joins the capture through the wait)."""
+
+    def __init__(self, device):
+        self.on = CONCURRENT and device.type == "cuda" and not torch.compiler.is_compiling()
+        if self.on:
+            self.main = torch.cuda.current_stream(device)
+            if device.index not in _PRIORITY_STREAMS:
+                high = torch.cuda.Stream.priority_range()[1]
+                _PRIORITY_STREAMS[device.index] = torch.cuda.Stream(device, priority=high)
+            self.side = _PRIORITY_STREAMS[device.index]
+
+    def __enter__(self):
+        if self.on:
+            self.side.wait_stream(self.main)
+        return self
+
+    def __call__(self, fn, *args):
+        if not self.on:
+            return fn(*args)
+        with torch.cuda.stream(self.side):
+            out = fn(*args)
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor):
+                x.record_stream(self.main)
+        return out
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.main.wait_stream(self.side)
+        return False
