@@ -11,6 +11,7 @@ import fla_aot.ops as ops
 import fla_aot.ops.chunk as chunk
 import fla_aot.ops.utils as utils
 from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, make_inputs, reference, rel_err, to_f64
+from tests.fused_recurrent_cases import capture_graph
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -208,15 +209,7 @@ def test_cuda_graph_capture_and_replay(shape):
     fn = OPS["simple_gla"]
     shape = dict(shape, device=DEV, gates=("g", "g_gamma"))
     static = make_inputs("simple_gla", **shape)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up outside the capture
-            fn(**static, output_final_state=True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_static, ht_static = fn(**static, output_final_state=True)
+    graph, (o_static, ht_static) = capture_graph(lambda: fn(**static, output_final_state=True))
     for _ in range(3):
         fresh = make_inputs("simple_gla", **shape)
         for name, x in fresh.items():
@@ -296,15 +289,7 @@ def test_cuda_graph_capture_of_the_backward():
     op = "gla"
     shape = dict(B=2, T=200, H=2, K=64, V=64, device=DEV)
     static = make_inputs(op, **shape)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm-up outside the capture
-            _fwd_bwd(op, static)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs_static, grads_static = _fwd_bwd(op, static)
+    graph, (outs_static, grads_static) = capture_graph(lambda: _fwd_bwd(op, static))
     for seed in range(1, 3):
         fresh = make_inputs(op, **shape, generator=torch.Generator(device=DEV).manual_seed(seed))
         for name, x in fresh.items():

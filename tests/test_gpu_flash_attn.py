@@ -9,7 +9,7 @@ import torch
 import fla_aot.ops as ops
 from fla_aot.reference import attention_reference
 from fla_aot.reference.attention import dropout_keep
-from tests.fused_recurrent_cases import rel_err
+from tests.fused_recurrent_cases import capture_graph, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -249,15 +249,7 @@ def test_cuda_graph_capture_and_replay():
 
     def fn():
         return ops.flash_attn_func(q, k, v, causal=True), ops.flash_attn_func(q, k, v, dropout_p=0.1)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_static, od_static = fn()
+    graph, (o_static, od_static) = capture_graph(fn)
     for seed in range(2):
         for x in (q, k, v):
             x.copy_(torch.randn(x.shape, device=DEV, generator=gen).to(x.dtype))

@@ -4,7 +4,7 @@ import torch
 
 import fla_aot.ops as ops
 from fla_aot.reference import fused_recurrent_reference
-from tests.fused_recurrent_cases import GROUPED, OPS, TOL, make_inputs, reference_kwargs, rel_err
+from tests.fused_recurrent_cases import GROUPED, OPS, TOL, capture_graph, make_inputs, reference_kwargs, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -119,15 +119,7 @@ def test_cuda_graph_capture_and_replay():
     kw = make_inputs(op, B=4, T=1, H=4, K=128, V=128, device=DEV)
     static = {k: (x.clone() if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
     fn = ops.fused_recurrent_gated_delta_rule
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn(**static, output_final_state=True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_static, ht_static = fn(**static, output_final_state=True)
+    graph, (o_static, ht_static) = capture_graph(lambda: fn(**static, output_final_state=True))
     for _ in range(3):
         fresh = make_inputs(op, B=4, T=1, H=4, K=128, V=128, device=DEV)
         for k, x in fresh.items():
