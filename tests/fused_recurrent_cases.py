@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import fla_aot.ops as ops
+import fla_aot.ops.utils as op_utils
 
 # name -> (public function, which inputs it takes)
 OPS = {
@@ -91,6 +92,38 @@ def capture_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def assert_same_results(got, want, grad_rel_tol):
+    """got, want: (outputs, gradients by name) of two runs of one call. The outputs are equal bit for bit; each
+    gradient is finite and within grad_rel_tol of its twin (0: bit for bit; a tolerance where atomics sum in any
+    order)."""
+    (outs, grads), (want_outs, want_grads) = got, want
+    for a, b in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert grads.keys() == want_grads.keys(), (list(grads), list(want_grads))
+    for name, b in want_grads.items():
+        assert torch.isfinite(grads[name]).all(), f"d{name} has NaN"
+        if grad_rel_tol == 0:
+            torch.testing.assert_close(grads[name], b, rtol=0, atol=0)
+        else:
+            assert rel_err(grads[name], b) < grad_rel_tol, name
+
+
+def check_two_streams_match_one(monkeypatch, run, grad_rel_tol):
+    """run() -> (outputs, gradients by name) with the ops' two-stream overlap (fla_aot.ops.utils.CONCURRENT) off,
+    then on, from the current stream and from a stream of the caller's own: the same results each time
+    (assert_same_results). A missing wait would read states not yet written."""
+    monkeypatch.setattr(op_utils, "CONCURRENT", False)
+    want = run()
+    monkeypatch.setattr(op_utils, "CONCURRENT", True)
+    user = torch.cuda.Stream()
+    user.wait_stream(torch.cuda.current_stream())
+    for stream in (torch.cuda.current_stream(), user):
+        with torch.cuda.stream(stream):
+            got = run()
+        torch.cuda.current_stream().wait_stream(stream)
+        assert_same_results(got, want, grad_rel_tol)
 
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}

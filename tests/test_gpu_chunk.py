@@ -9,9 +9,8 @@ import torch
 
 import fla_aot.ops as ops
 import fla_aot.ops.chunk as chunk
-import fla_aot.ops.utils as utils
 from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, make_inputs, reference, rel_err, to_f64
-from tests.fused_recurrent_cases import capture_graph
+from tests.fused_recurrent_cases import assert_same_results, capture_graph, check_two_streams_match_one
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -266,21 +265,10 @@ def _fwd_bwd(op, kw):
                          ids=["batch", "split"])
 def test_two_streams_match_one(monkeypatch, op, shape):
     """The kernels that overlap on two streams (utils.Concurrent) give what they give in order, also when the
-    caller runs on a stream of its own: a missing wait would read states or scores not yet written."""
+    caller runs on a stream of its own."""
     kw = make_inputs(op, **shape, device=DEV)
-    monkeypatch.setattr(utils, "CONCURRENT", False)
-    want_outs, want_grads = _fwd_bwd(op, kw)
-    monkeypatch.setattr(utils, "CONCURRENT", True)
-    user = torch.cuda.Stream()
-    user.wait_stream(torch.cuda.current_stream())
-    for stream in (torch.cuda.current_stream(), user):
-        with torch.cuda.stream(stream):
-            outs, grads = _fwd_bwd(op, kw)
-        torch.cuda.current_stream().wait_stream(stream)
-        for got, want in zip(outs, want_outs, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        for name, want in want_grads.items():  # simple GLA sums dg with atomics: the order may differ
-            assert torch.isfinite(grads[name]).all() and rel_err(grads[name], want) < 1e-6, name
+    # simple GLA sums dg with atomics: the order may differ
+    check_two_streams_match_one(monkeypatch, lambda: _fwd_bwd(op, kw), grad_rel_tol=1e-6)
 
 
 def test_cuda_graph_capture_of_the_backward():
@@ -289,17 +277,13 @@ def test_cuda_graph_capture_of_the_backward():
     op = "gla"
     shape = dict(B=2, T=200, H=2, K=64, V=64, device=DEV)
     static = make_inputs(op, **shape)
-    graph, (outs_static, grads_static) = capture_graph(lambda: _fwd_bwd(op, static))
+    graph, captured = capture_graph(lambda: _fwd_bwd(op, static))
     for seed in range(1, 3):
         fresh = make_inputs(op, **shape, generator=torch.Generator(device=DEV).manual_seed(seed))
         for name, x in fresh.items():
             static[name].copy_(x)
         graph.replay()
-        outs, grads = _fwd_bwd(op, fresh)
-        for got, want in zip(outs_static, outs, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        for name, want in grads.items():
-            torch.testing.assert_close(grads_static[name], want, rtol=0, atol=0)
+        assert_same_results(captured, _fwd_bwd(op, fresh), grad_rel_tol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------

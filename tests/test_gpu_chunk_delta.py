@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 import fla_aot.ops as ops
 import fla_aot.ops.chunk_delta as chunk_delta
-import fla_aot.ops.utils as utils
 from fla_aot.reference import fused_recurrent_reference
-from tests.fused_recurrent_cases import capture_graph, rel_err
+from tests.fused_recurrent_cases import assert_same_results, capture_graph, check_two_streams_match_one, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -148,19 +147,8 @@ def test_two_streams_match_one(monkeypatch):
     """The backward's state pass overlaps the output's share of dv_new on a second stream (utils.Concurrent):
     the same results as in order, also when the caller runs on a stream of its own."""
     kw = make_inputs(B=2, T=300, H=2, HV=4, K=128, V=128, gate="strong")
-    monkeypatch.setattr(utils, "CONCURRENT", False)
-    want_outs, want_grads = _fwd_bwd(kw)
-    monkeypatch.setattr(utils, "CONCURRENT", True)
-    user = torch.cuda.Stream()
-    user.wait_stream(torch.cuda.current_stream())
-    for stream in (torch.cuda.current_stream(), user):
-        with torch.cuda.stream(stream):
-            outs, grads = _fwd_bwd(kw)
-        torch.cuda.current_stream().wait_stream(stream)
-        for got, want in zip(outs, want_outs, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        for name, want in want_grads.items():  # the gate's terms are summed with atomics: the order may differ
-            assert torch.isfinite(grads[name]).all() and rel_err(grads[name], want) < 1e-6, name
+    # the gate's terms are summed with atomics: the order may differ
+    check_two_streams_match_one(monkeypatch, lambda: _fwd_bwd(kw), grad_rel_tol=1e-6)
 
 
 def test_no_grad_forward_matches():
@@ -189,17 +177,14 @@ def test_cuda_graph_capture_and_replay(backward):
     """Replays of the captured call (with backward, the two-stream fork and join recorded in the graph) give what
     eager calls on the same fresh inputs give."""
     static = make_inputs(B=2, T=130, seed=1)
-    graph, (outs_static, grads_static) = capture_graph(lambda: _fwd_bwd(static, backward))
+    graph, captured = capture_graph(lambda: _fwd_bwd(static, backward))
     for seed in range(2, 4):
         fresh = make_inputs(B=2, T=130, seed=seed)
         for name, x in fresh.items():
             static[name].copy_(x)
         graph.replay()
-        outs, grads = _fwd_bwd(fresh, backward)
-        for got, want in zip(outs_static, outs, strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        for name, want in grads.items():  # the gate's terms are summed with atomics: the order may differ
-            assert rel_err(grads_static[name], want) < 1e-6, name
+        # the gate's terms are summed with atomics: the order may differ
+        assert_same_results(captured, _fwd_bwd(fresh, backward), grad_rel_tol=1e-6)
 
 
 def test_torch_compile_fullgraph():
