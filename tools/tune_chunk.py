@@ -76,11 +76,15 @@ def candidates(name):
     elif name == "chunk_delta_solve":
         for bk, w, s in itertools.product([32, 64, 128], [1, 2, 4], [1, 2]):
             yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
-    elif name in ("chunk_delta_wu", "chunk_delta_fwd_o", "chunk_delta_bwd_dv_local", "chunk_delta_bwd_wy"):
+    elif name in ("chunk_delta_fwd_o", "chunk_delta_bwd_dv_local"):
+        # BV=128: the chunk's q k^T once per program instead of once per slice of V
+        for bk, bv, w, s in itertools.product([64, 128], [64, 128], [4, 8], [2, 3]):
+            yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
+    elif name in ("chunk_delta_wu", "chunk_delta_bwd_wy"):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2, 3]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_delta_bwd_dqkw":
-        for bk, bv, w, s in itertools.product([32, 64, 128], [32, 64], [4, 8], [1, 2]):
+        for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_fixup":  # memory-bound: a state tile read, corrected and written per program
         for bv, w in itertools.product([16, 32, 64, 128], [4, 8]):

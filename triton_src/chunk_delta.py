@@ -289,18 +289,19 @@ def chunk_delta_bwd_state_kernel(q, k, w, gcum, do, dv_local, dht, seqs, dstates
         tl.store(dstates + ((c0 + i_c) * HV + i_hv) * K * V + o_state, b_dh.to(dstates.dtype.element_ty),
                  mask=mask_h)
         b_G, b_GL = _gates(gcum, o_t, mask_t, t1, i_hv, HV)
-        b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
-        b_kd = tl.where(mask_t[:, None], b_k * tl.exp(b_GL - b_G)[:, None], 0.).to(b_k.dtype)
+        # the gates scale the narrow [BT, BV] operands and results, so that q, k and w go from memory straight into
+        # the products (which lets them be prefetched), and the output's share, which does not need dh, goes first
+        b_do = _tile(do, o_t, mask_t, HV, i_hv, V, o_v, mask_v)
+        b_dod = (b_do * tl.where(mask_t, tl.exp(b_G) * scale, 0.)[:, None]).to(b_do.dtype)
+        b_qdo = _dot(tl.trans(_tile(q, o_t, mask_t, H, i_h, K, o_k, mask_k)), b_dod)
         p_dv = (o_t[:, None] * HV + i_hv) * V + o_v[None, :]
         m_dv = mask_t[:, None] & mask_v[None, :]
-        b_dvn = tl.load(dv_local + p_dv, mask=m_dv, other=0.) + _dot(b_kd, b_dh.to(b_k.dtype))
+        b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
+        b_dvn = (tl.load(dv_local + p_dv, mask=m_dv, other=0.)
+                 + _dot(b_k, b_dh.to(b_k.dtype)) * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None])
         tl.store(dv_new + p_dv, b_dvn, mask=m_dv)
-        b_q = _tile(q, o_t, mask_t, H, i_h, K, o_k, mask_k)
-        b_qd = tl.where(mask_t[:, None], b_q * (tl.exp(b_G) * scale)[:, None], 0.).to(b_q.dtype)
-        b_do = _tile(do, o_t, mask_t, HV, i_hv, V, o_v, mask_v)
         b_w = _tile(w, o_t, mask_t, HV, i_hv, K, o_k, mask_k)
-        b_dh = (b_dh * tl.exp(b_GL) + _dot(tl.trans(b_qd), b_do)
-                - _dot(tl.trans(b_w), b_dvn.to(b_w.dtype)))
+        b_dh = b_dh * tl.exp(b_GL) + b_qdo - _dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if output_dh0 != 0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_user, b_dh, mask=mask_h)
 
@@ -462,7 +463,9 @@ def _state_config(KP, NARROW, NARROWEST, **_):
 
 
 def _bwd_state_config(KP, NARROW, NARROWEST, **_):
-    # H100: BV=32 0.54 ms at B=2 T=8192 against 0.91 for BV=16, BV=16 1.73 ms at B=1 T=32768 against 1.78
+    # H200, the pass alone through the JIT (docs/tuning/chunk_delta.md, December 2026): BV=64 0.291 ms at B=8
+    # T=2048, BV=32 0.384 at B=2 T=8192, BV=16 1.073 at B=1 T=32768, all on 8 warps. 4 warps were faster at B=1
+    # (0.881) but their narrow slicings gave wrong gradients for K not a multiple of 16 on the H200 (test_head_dims)
     if NARROWEST:
         return dict(BV=16, BT=CHUNK, num_warps=8, num_stages=3)
     if NARROW:
@@ -472,6 +475,14 @@ def _bwd_state_config(KP, NARROW, NARROWEST, **_):
 
 def _chunk_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
+
+
+def _output_config(KP, **_):
+    # the output and dv's intra-chunk share take a chunk's q k^T once for all of V up to 128 (BV=128) instead of
+    # once per slice of 64: H200, per forward + backward step at B8 T2048 / B2 T8192 / B1 T32768, chunk_delta_fwd_o
+    # 0.119 / 0.116 / 0.222 ms against 0.162 / 0.159 / 0.305 for BV=64 on 4 warps, chunk_delta_bwd_dv_local 0.115 /
+    # 0.115 / 0.316 against 0.160 / 0.160 / 0.459 (docs/tuning/chunk_delta.md)
+    return dict(BK=min(KP, 64), BV=128, BT=CHUNK, num_warps=8, num_stages=3)
 
 
 _QK = [Tensor("q", "B T H K", dtypes=DELTA_DTYPES), Tensor("k", "B T H K", same_dtype_as="q")]
@@ -534,7 +545,7 @@ SPECS = [
               Tensor("states", "C HV K V", same_dtype_as="q"), _CHUNKS, Float("scale")],
         outputs=[Output("o", "B T HV V", dtype_of="q")],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-        launch_config=_chunk_config,
+        launch_config=_output_config,
         grid=["C * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,
     ),
@@ -545,7 +556,7 @@ SPECS = [
         args=[*_QK, _GCUM, Tensor("do", "B T HV V", same_dtype_as="q"), _CHUNKS, Float("scale")],
         outputs=[Output("dv", "B T HV V", dtype="float32")],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-        launch_config=_chunk_config,
+        launch_config=_output_config,
         grid=["C * HV", "cdiv(V, BV)"],
         divisible=_GROUPED,
     ),

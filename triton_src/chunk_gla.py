@@ -54,14 +54,20 @@ def _key_slice(i_k, BK: tl.constexpr, K, o_t, mask_t, i_h, H):
 
 
 @triton.jit
-def chunk_gk_cumsum_kernel(gk, chunks, gcum, gk_dtype, H, K, KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
-    """GLA's gate summed up to each token of its chunk, per key (a BK-wide slice of them), in float32."""
+def chunk_gk_cumsum_kernel(gk, q, chunks, gcum, qg, gk_dtype, H, K,
+                           KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+    """GLA's gate summed up to each token of its chunk, per key (a BK-wide slice of them), in float32; and
+    q exp(that sum) in q's dtype, the query the output's inter-chunk product takes (one read of q and the gate here
+    instead of in chunk_gla_fwd_o)."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
     o_t = t0 + tl.arange(0, BT)
     o_k = tl.program_id(1) * BK + tl.arange(0, BK)
     m = (o_t < t1)[:, None] & (o_k < K)[None, :]
     off = (o_t[:, None] * H + i_h) * K + o_k[None, :]
-    tl.store(gcum + off, tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0), mask=m)
+    b_g = tl.cumsum(_load_f32(gk, off, m, gk_dtype, 0.), 0)
+    tl.store(gcum + off, b_g, mask=m)
+    b_q = tl.load(q + off, mask=m, other=0.)
+    tl.store(qg + off, (b_q * tl.exp(b_g)).to(qg.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -193,10 +199,10 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
 
 
 @triton.jit
-def _output_tile(q, v, g, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V,
+def _output_tile(qg, v, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V,
                  BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
     """Stores o of the chunk [t0, t1) (chunk x head program i_ch) and BV-wide slice i_v of V, from the chunk's
-    starting state and its intra-chunk scores A."""
+    starting state, q exp(G) (qg) and its intra-chunk scores A."""
     o_t = t0 + tl.arange(0, BT)
     mask_t = o_t < t1
     o_v = i_v * BV + tl.arange(0, BV)
@@ -205,11 +211,10 @@ def _output_tile(q, v, g, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V,
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
-        b_q = tl.load(q + p, mask=m, other=0.)
-        b_g = tl.load(g + p, mask=m, other=0.)
+        b_qg = tl.load(qg + p, mask=m, other=0.)
         b_h = tl.load(states + state_base + o_k[:, None] * V + o_v[None, :],
                       mask=mask_k[:, None] & mask_v[None, :], other=0.)
-        b_o += _dot((b_q * tl.exp(b_g)).to(b_q.dtype), b_h.to(b_q.dtype))
+        b_o += _dot(b_qg, b_h.to(b_qg.dtype))
     m_tv = mask_t[:, None] & mask_v[None, :]
     p_tv = (o_t[:, None] * H + i_h) * V + o_v[None, :]
     b_v = tl.load(v + p_tv, mask=m_tv, other=0.)
@@ -228,12 +233,12 @@ def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
 
 
 @triton.jit
-def chunk_gla_fwd_o_kernel(q, v, g, states, A, chunks, o, scale, H, K, V,
+def chunk_gla_fwd_o_kernel(qg, v, states, A, chunks, o, scale, H, K, V,
                            KP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr):
     """o of one chunk and BV-wide slice of V from the chunk's starting state and its intra-chunk scores A."""
     i_ch = tl.program_id(0)
     i_h, t0, t1 = _chunk_bounds(chunks, i_ch, H)
-    _output_tile(q, v, g, states, A, o, scale, i_ch, tl.program_id(1), i_h, t0, t1, H, K, V, BK, BV, BT)
+    _output_tile(qg, v, states, A, o, scale, i_ch, tl.program_id(1), i_h, t0, t1, H, K, V, BK, BV, BT)
 
 
 @triton.jit
@@ -361,9 +366,10 @@ LEVELS = CHUNK.bit_length() - 1  # of the pairing tree: blocks of 2, 4, ..., CHU
 
 
 def _cumsum_config(KP, **_):
-    # memory-bound: the gate read and its sums written once. H200, per chunk_gla step (tools/tune_chunk.py
-    # --kernels chunk_gk_cumsum): K in slices of 64 on 4 warps 0.065 / 0.065 / 0.129 ms, 32: 0.070 / 0.070 / 0.144,
-    # all of K in one program (before): 0.072 / 0.071 / 0.141
+    # memory-bound: the gate and q read, the sums and q exp(G) written once. H200, per chunk_gla step
+    # (tools/tune_chunk.py --kernels chunk_gk_cumsum, before q exp(G)): K in slices of 64 on 4 warps 0.065 / 0.065 /
+    # 0.129 ms, 32: 0.070 / 0.070 / 0.144, all of K in one program: 0.072 / 0.071 / 0.141; with q exp(G) 0.112 /
+    # 0.111 / 0.221 (docs/tuning/chunk.md)
     return dict(BK=min(KP, 64), BT=CHUNK, num_warps=4, num_stages=1)
 
 
@@ -386,8 +392,9 @@ def _bwd_intra_config(KP, **_):
 
 
 def _fwd_o_config(KP, dtype, **_):
-    # H200: BV=128 (q and the gates read once per chunk) 0.141 / 0.143 / 0.273 ms against 0.192 / 0.192 / 0.375
-    # for BV=64; float32 takes BV=64 on 8 warps (on 4 warps it spilled 0.5 KB a thread, sm_90 resource report)
+    # H200: BV=128 (q exp(G) read once per chunk) 0.088 / 0.088 / 0.171 ms (reading q and the gate sums instead:
+    # 0.141 / 0.143 / 0.273, and 0.192 / 0.192 / 0.375 for BV=64); float32 takes BV=64 on 8 warps (on 4 warps it
+    # spilled 0.5 KB a thread, sm_90 resource report)
     if dtype == "float32":
         return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=8, num_stages=3)
     return dict(BK=min(KP, 64), BV=128, BT=CHUNK, num_warps=4, num_stages=3)
@@ -414,10 +421,10 @@ SPECS = [
     OpSpec(
         name="chunk_gk_cumsum",
         kernel=chunk_gk_cumsum_kernel,
-        doc="GLA's per-key gate summed within each chunk (float32).",
-        args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), _CHUNKS],
-        outputs=[Output("gcum", "B T H K", dtype="float32")],
-        axes=[BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K"])],
+        doc="GLA's per-key gate summed within each chunk (float32), and q exp(that sum) (q's dtype).",
+        args=[Tensor("gk", "B T H K", dtypes=FLOAT_DTYPES), Tensor("q", "B T H K", dtypes=FLOAT_DTYPES), _CHUNKS],
+        outputs=[Output("gcum", "B T H K", dtype="float32"), Output("qg", "B T H K", dtype_of="q")],
+        axes=_AXES_QK,
         launch_config=_cumsum_config,
         grid=["C * H", "cdiv(K, BK)"],
     ),
@@ -435,11 +442,11 @@ SPECS = [
         name="chunk_gla_fwd_o",
         kernel=chunk_gla_fwd_o_kernel,
         doc="GLA's output from each chunk's starting state and its intra-chunk scores.",
-        args=[Tensor("q", "B T H K", dtypes=FLOAT_DTYPES), Tensor("v", "B T H V", same_dtype_as="q"), _GCUM,
-              Tensor("states", "C H K V", same_dtype_as="q"), Tensor("A", f"B T H {CHUNK}", same_dtype_as="q"),
+        args=[Tensor("qg", "B T H K", dtypes=FLOAT_DTYPES), Tensor("v", "B T H V", same_dtype_as="qg"),
+              Tensor("states", "C H K V", same_dtype_as="qg"), Tensor("A", f"B T H {CHUNK}", same_dtype_as="qg"),
               _CHUNKS, Float("scale")],
-        outputs=[Output("o", "B T H V", dtype_of="q")],
-        axes=_AXES_QKV,
+        outputs=[Output("o", "B T H V", dtype_of="qg")],
+        axes=[DtypeAxis("qg"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_fwd_o_config,
         grid=["C * H", "cdiv(V, BV)"],
     ),

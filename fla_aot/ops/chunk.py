@@ -127,11 +127,11 @@ class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, g_gamma, initial_state, scale, state_v_first, output_final_state, tabs, gla):
         if gla:
-            gs = _ops["chunk_gk_cumsum"](g, tabs.chunks)[0]  # GLA's kernels read the gate summed per chunk
+            gs, qg = _ops["chunk_gk_cumsum"](g, q, tabs.chunks)  # GLA's kernels read the gate summed per chunk
             _, states, ht = _scan(k, v, None, gs, None, initial_state, tabs, scale, state_v_first, True,
                                   output_final_state, False, True)
             (A,) = _ops["chunk_gla_intra"](q, k, gs, tabs.chunks, scale)
-            (o,) = _ops["chunk_gla_fwd_o"](q, v, gs, states, A, tabs.chunks, scale)
+            (o,) = _ops["chunk_gla_fwd_o"](qg, v, states, A, tabs.chunks, scale)
         else:
             gs, A = g, None
             o, _, ht = _scan(k, v, q, g, g_gamma, initial_state, tabs, scale, state_v_first, False,

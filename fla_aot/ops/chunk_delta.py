@@ -65,12 +65,14 @@ class ChunkDeltaFunction(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
         w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
-        with Concurrent(q.device) as side:  # the state pass rerun beside the output's share of dv_new
+        # the reversed state pass needs w but not the states: the forward's rerun goes beside it (both are chains of
+        # dependent chunks that leave most of each SM idle)
+        with Concurrent(q.device) as side:
             states, v_new, _ = side(_state_pass, k, w, u, gcum, initial_state, tabs, state_v_first, False)
             (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
-        dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
-                                                             tabs.chunks, scale, state_v_first,
-                                                             initial_state is not None, *_slicing(tabs, v))
+            dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
+                                                                 tabs.chunks, scale, state_v_first,
+                                                                 initial_state is not None, *_slicing(tabs, v))
         dq, dk_state, dw, dG = _ops["chunk_delta_bwd_dqkw"](q, k, v_new, gcum, do, dv_new, states, dstates,
                                                             tabs.chunks, scale)
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)

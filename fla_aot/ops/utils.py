@@ -101,9 +101,9 @@ class Concurrent:
 
     A state pass walks its chunks in order on few programs; on a stream of higher priority its blocks are placed
     first and the other kernel's many short blocks fill the SMs around them where registers allow (measured in
-    docs/tuning/chunk.md: up to 4% on simple GLA's backward, about 1% on the delta rules'). Tensors that side()
-    returns are marked as used by the current stream (the caching allocator then does not reuse their memory
-    early). Under torch.compile tracing, or with CONCURRENT off, side(fn, ...) is fn(...) in order. CUDA-graph
+    docs/tuning/chunk.md and chunk_delta.md: up to 4% on simple GLA's backward, 0.4-1.4% on the delta rules').
+    Tensors that side() returns are marked as used by the current stream (the caching allocator then does not
+    reuse their memory early). Under torch.compile tracing, or with CONCURRENT off, side(fn, ...) is fn(...) in order. CUDA-graph
     capture records the fork and the join (the side stream joins the capture through the wait)."""
 
     def __init__(self, device):
