@@ -63,6 +63,18 @@ def test_every_kernel_has_an_aligned_variant():
             assert any(isinstance(a, AlignedAxis) for a in spec.axes), f"{family}.{spec.name} has no AlignedAxis"
 
 
+def test_bool_axis_only_with_leaves_out_the_combination_never_asked_for():
+    """The delta rules' state passes pick NARROWEST only with NARROW (fla_aot.ops.chunk_delta._slicing): the fourth
+    combination is not compiled, the other three are, once per dtype, K bucket and alignment."""
+    from triton_src import chunk_delta
+    for spec in chunk_delta.SPECS:
+        if spec.name not in ("chunk_delta_state", "chunk_delta_bwd_state"):
+            continue
+        combos = [(v["constexprs"]["NARROW"], v["constexprs"]["NARROWEST"]) for v in spec.variants()]
+        assert set(combos) == {(False, False), (True, False), (True, True)}, spec.name
+        assert len(combos) == 3 * len({v["key"].split("_NARROW", 1)[0] for v in spec.variants()}), spec.name
+
+
 def test_exit_status_and_manifest_header(build):
     out, res, _ = build
     manifest = json.loads((out / "manifest.json").read_text())

@@ -83,6 +83,8 @@ class BucketAxis:
 class BoolAxis:
     constexpr: str
     arg: str
+    only_with: Optional[str] = None        # True only where this other BoolAxis (its constexpr) is True too: the
+                                           # combination the callers never ask for is not compiled (asked, it raises)
 
 
 @dataclass
@@ -159,6 +161,9 @@ class OpSpec:
                 choices.append([(ax, v) for v in (False, True)])
         out = []
         for combo in itertools.product(*choices):
+            flags = {ax.constexpr: val for ax, val in combo if isinstance(ax, BoolAxis)}
+            if any(isinstance(ax, BoolAxis) and ax.only_with and val and not flags[ax.only_with] for ax, val in combo):
+                continue
             constexprs, guards, dtypes, key, attrs = {}, [], {}, [], {}
             for ax, val in combo:
                 if isinstance(ax, DtypeAxis):

@@ -493,7 +493,7 @@ _SEQS = Tensor("seqs", "N SF", dtypes=["int32"])  # per sequence: (sequence, fir
 _AXES = [DtypeAxis("k"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])]
 _GROUPED = [("HV", "H")]
 # the state passes: narrower V slices when the batch leaves SMs idle (fla_aot.ops.chunk_delta._slicing)
-_NARROW = [BoolAxis("NARROW", "narrow"), BoolAxis("NARROWEST", "narrowest")]
+_NARROW = [BoolAxis("NARROW", "narrow"), BoolAxis("NARROWEST", "narrowest", only_with="NARROW")]
 
 SPECS = [
     OpSpec(
