@@ -24,18 +24,23 @@ installed (and fla-core importable, to compare):
     python benchmarks/chunk.py --out docs/benchmarks [--quick] [--ops simple_gla retention] [--fla-cold]
 
 Writes <out>/chunk.md (also printed), <out>/chunk.json (raw numbers, ms and s) and, if matplotlib
-is installed, <out>/chunk.png and <out>/retention.png. The outputs are rewritten after each section,
-so a run cut short still leaves the sections it finished.
+is installed, <out>/chunk.png and <out>/retention.png. The outputs are rewritten after each shape,
+so a run cut short still leaves what it finished. A run of some sections keeps the other sections from an
+existing <out>/chunk.json, and a run of section (1) for some ops keeps the other ops' rows, so that a
+measurement too long for one command can be split over several into one page (each row is stamped with the
+start of its run, and the page says when its rows come from more than one).
 """
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -342,8 +347,15 @@ def render_markdown(results, plots):
         "the worst of the input gradients (forward + backward row)."])]
     if results.get("ops") is not None:
         configs = results["ops"]
+        runs = {}
+        for c in configs:
+            runs.setdefault(c.get("run"), []).append(c["op"])
+        split = [] if len(runs) < 2 else [
+            f"Rows from {len(runs)} runs (each row's libraries timed in the same run): " + "; ".join(
+                f"{', '.join(dict.fromkeys(ops))} from " + (f"the run started {run}" if run else "an earlier run")
+                for run, ops in runs.items()) + ".", ""]
         parts.append("\n".join([
-            f"## Chunk ops, H={H}, K=V={D}", "",
+            f"## Chunk ops, H={H}, K=V={D}", "", *split,
             timing_table(configs, ["op", "shape"], lambda c: [c["op"], f"B={c['B']} T={c['T']}"]),
             "", *failures(configs)]).rstrip())
     if results.get("retention_sweep") is not None:
@@ -480,22 +492,30 @@ def main():
         "ops": args.ops, "repeats": args.repeats, "target_s": args.target_s, "quick": args.quick,
         "fla_cold": args.fla_cold}}
     previous = args.out / "chunk.json"
-    if set(args.sections) != set(SECTIONS) and previous.exists():
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    if set(args.sections) != set(SECTIONS):
         # a run split over several commands keeps the sections measured by the earlier ones
-        old = json.loads(previous.read_text())
         results.update({key: old[key] for key in ("ops", "retention_sweep", "first_call", "accuracy") if key in old})
+    run = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     sdpa_cache = {}  # SDPA does not depend on the op: measure it once per shape
     if "ops" in args.sections:
-        results["ops"] = [guarded_config(op, B, T, H, D, libraries, args, sdpa_cache)
-                          for op in args.ops for B, T in SHAPES]
-        write_outputs(results, args.out)
+        # the other ops' rows are kept from an earlier run on the same GPU
+        same_gpu = old.get("environment", {}).get("gpu") == results["environment"]["gpu"]
+        results["ops"] = [c for c in (old.get("ops") or [] if same_gpu else []) if c["op"] not in args.ops]
+        for op, (B, T) in itertools.product(args.ops, SHAPES):
+            results["ops"].append(dict(guarded_config(op, B, T, H, D, libraries, args, sdpa_cache), run=run))
+            write_outputs(results, args.out)
     if "sweep" in args.sections:
-        results["retention_sweep"] = [guarded_config("retention", SWEEP_B, T, SWEEP_H, D, libraries, args,
-                                                     sdpa_cache) for T in args.sweep_t]
-        write_outputs(results, args.out)
+        results["retention_sweep"] = []
+        for T in args.sweep_t:
+            results["retention_sweep"].append(guarded_config("retention", SWEEP_B, T, SWEEP_H, D, libraries, args,
+                                                             sdpa_cache))
+            write_outputs(results, args.out)
     if "accuracy" in args.sections:
-        results["accuracy"] = [measure_accuracy(op, B, T, libraries) for op in args.ops for B, T in ACCURACY_SHAPES]
-        write_outputs(results, args.out)
+        results["accuracy"] = []
+        for op, (B, T) in itertools.product(args.ops, ACCURACY_SHAPES):
+            results["accuracy"].append(measure_accuracy(op, B, T, libraries))
+            write_outputs(results, args.out)
     if "first_call" in args.sections:
         # last, so that without --fla-cold the Triton cache is already warm from the sections above
         first_call = []
