@@ -144,8 +144,9 @@ def _fwd_bwd(kw, backward=True):
 
 
 def test_two_streams_match_one(monkeypatch):
-    """The backward's state pass overlaps the output's share of dv_new on a second stream (utils.Concurrent):
-    the same results as in order, also when the caller runs on a stream of its own."""
+    """The backward's rerun of the state pass overlaps the output's share of dv_new and the reversed pass on a
+    second stream (utils.Concurrent): the same results as in order, also when the caller runs on a stream of its
+    own."""
     kw = make_inputs(B=2, T=300, H=2, HV=4, K=128, V=128, gate="strong")
     # the gate's terms are summed with atomics: the order may differ
     check_two_streams_match_one(monkeypatch, lambda: _fwd_bwd(kw), grad_rel_tol=1e-6)

@@ -103,8 +103,8 @@ class Concurrent:
     first and the other kernel's many short blocks fill the SMs around them where registers allow (measured in
     docs/tuning/chunk.md and chunk_delta.md: up to 4% on simple GLA's backward, 0.4-1.4% on the delta rules').
     Tensors that side() returns are marked as used by the current stream (the caching allocator then does not
-    reuse their memory early). Under torch.compile tracing, or with CONCURRENT off, side(fn, ...) is fn(...) in order. CUDA-graph
-    capture records the fork and the join (the side stream joins the capture through the wait)."""
+    reuse their memory early). Under torch.compile tracing, or with CONCURRENT off, side(fn, ...) is fn(...) in
+    order. CUDA-graph capture records the fork and the join (the side stream joins the capture through the wait)."""
 
     def __init__(self, device):
         self.on = CONCURRENT and device.type == "cuda" and not torch.compiler.is_compiling()
