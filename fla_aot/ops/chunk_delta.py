@@ -78,9 +78,9 @@ class ChunkDeltaFunction(torch.autograd.Function):
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)
         B, T, H, K = q.shape
         group = v.shape[2] // H
-        if group > 1:  # value heads sharing a query/key head
+        if group > 1:  # value heads sharing a query/key head (torch sums 16-bit tensors in float32)
             dq, dk = dq.view(B, T, H, group, K).sum(3), dk.view(B, T, H, group, K).sum(3)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, None if g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
+        return (dq, dk, dv, None if g is None else dg.to(g.dtype), dbeta.to(beta.dtype),
                 dh0 if initial_state is not None else None, None, None, None, None)
 
 
