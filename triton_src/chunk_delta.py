@@ -21,10 +21,10 @@ end, and dv_new), chunk_delta_bwd_dqkw (dq, dk through the state and the output,
 per-token terms) and chunk_delta_bwd_wy (through T, w and u to dk, dv, dbeta; the gate's gradient as the in-chunk
 suffix sum of its per-token terms). q and k have H heads, v, beta and g HV = m * H (grouped value heads): value
 head hv reads query/key head hv // m, and dq, dk come out per value head to be summed over the group.
-The backward's intermediates and gradients are stored in the inputs' 16-bit dtype, as fla stores them: dv_new and
-dw lose nothing by it (each consumer rounds them to that dtype before its product anyway); dq and dk (and the
-state's share of dk, added in chunk_delta_bwd_wy) are rounded once more than in float32, and the traffic that saves
-is worth more than the last digit.
+dq and dk (and the state's share of dk, added in chunk_delta_bwd_wy) are stored in the inputs' 16-bit dtype, as fla
+stores them: one rounding more than float32, and no casts after the kernels (a step 2.10 -> 1.84 ms at B8 T2048
+H16 on an H200). dv_new and dw stay float32: stored in 16 bits, chunk_delta_bwd_wy's dk and dbeta came out wrong
+on Hopper (Triton 3.6), though the interpreter computes them right (docs/tuning/chunk_delta.md).
 """
 import triton
 import triton.language as tl
@@ -303,7 +303,7 @@ def chunk_delta_bwd_state_kernel(q, k, w, gcum, do, dv_local, dht, seqs, dstates
         b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
         b_dvn = (tl.load(dv_local + p_dv, mask=m_dv, other=0.)
                  + _dot(b_k, b_dh.to(b_k.dtype)) * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None])
-        tl.store(dv_new + p_dv, b_dvn.to(dv_new.dtype.element_ty), mask=m_dv)
+        tl.store(dv_new + p_dv, b_dvn, mask=m_dv)
         b_w = _tile(w, o_t, mask_t, HV, i_hv, K, o_k, mask_k)
         b_dh = b_dh * tl.exp(b_GL) + b_qdo - _dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if output_dh0 != 0:
@@ -344,9 +344,6 @@ def chunk_delta_bwd_dqkw_kernel(q, k, v_new, gcum, do, dv_new, states, dstates, 
         b_dk += _dot(b_vn, tl.trans(b_dh))
         b_dw += _dot(b_dvn.to(b_h.dtype), tl.trans(b_h))
         b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
-    p = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
-    m = mask_t[:, None] & mask_k[None, :]
-    tl.store(dw + p, (-b_dw).to(dw.dtype.element_ty), mask=m)  # now, so that its registers serve what follows
     b_G, b_GL = _gates(gcum, o_t, mask_t, t1, i_hv, HV)
     b_q = _tile(q, o_t, mask_t, H, i_h, K, o_k, mask_k)
     b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
@@ -360,8 +357,11 @@ def chunk_delta_bwd_dqkw_kernel(q, k, v_new, gcum, do, dv_new, states, dstates, 
     b_dk += _dot(tl.trans(b_ds).to(b_q.dtype), b_q)
     b_m = b_ds * _dot(b_q, tl.trans(b_k))
     b_dG += tl.sum(b_m, 1) - tl.sum(b_m, 0) + tl.where(o_t == t1 - 1, b_dGL, 0.)
+    p = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
+    m = mask_t[:, None] & mask_k[None, :]
     tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=m)
     tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
+    tl.store(dw + p, -b_dw, mask=m)
     tl.atomic_add(dG + o_t * HV + i_hv, b_dG, mask=mask_t)
 
 
@@ -574,7 +574,7 @@ SPECS = [
               Tensor("dht", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
               _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0"), Bool("narrow"),
               Bool("narrowest")],
-        outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype_of="q"),
+        outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype="float32"),
                  Output("dh0", "N HV K V", dtype="float32", when="output_dh0", transposed_if="state_v_first")],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"]), *_NARROW],
         launch_config=_bwd_state_config,
@@ -587,10 +587,10 @@ SPECS = [
         kernel=chunk_delta_bwd_dqkw_kernel,
         doc="Delta rule backward: dq, dk through the output and states, dw, and the gate's per-token terms.",
         args=[*_QK, Tensor("v_new", "B T HV V", same_dtype_as="q"), _GCUM, Tensor("do", "B T HV V", same_dtype_as="q"),
-              Tensor("dv_new", "B T HV V", same_dtype_as="q"), Tensor("states", "C HV K V", same_dtype_as="q"),
+              Tensor("dv_new", "B T HV V", dtypes=["float32"]), Tensor("states", "C HV K V", same_dtype_as="q"),
               Tensor("dstates", "C HV K V", same_dtype_as="q"), _CHUNKS, Float("scale")],
         outputs=[Output("dq", "B T HV K", dtype_of="q"), Output("dk", "B T HV K", dtype_of="q"),
-                 Output("dw", "B T HV K", dtype_of="q"), Output("dG", "B T HV", dtype="float32", zeros=True)],
+                 Output("dw", "B T HV K", dtype="float32"), Output("dG", "B T HV", dtype="float32", zeros=True)],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
         launch_config=_chunk_config,
         grid=["C * HV", "cdiv(K, BK)"],
@@ -602,8 +602,8 @@ SPECS = [
         doc="Delta rule backward through the WY representation: dk, dv, dbeta and the gate's gradient.",
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("v", "B T HV V", same_dtype_as="k"),
               Tensor("beta", "B T HV", dtypes=_GATE_DTYPES), _GCUM,
-              Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]), Tensor("dw", "B T HV K", same_dtype_as="k"),
-              Tensor("dv_new", "B T HV V", same_dtype_as="k"), Tensor("dk_state", "B T HV K", same_dtype_as="k"),
+              Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]), Tensor("dw", "B T HV K", dtypes=["float32"]),
+              Tensor("dv_new", "B T HV V", dtypes=["float32"]), Tensor("dk_state", "B T HV K", same_dtype_as="k"),
               Tensor("dG", "B T HV", dtypes=["float32"]), _CHUNKS],
         outputs=[Output("dk", "B T HV K", dtype_of="k"), Output("dv", "B T HV V", dtype_of="v"),
                  Output("dbeta", "B T HV", dtype="float32"), Output("dg", "B T HV", dtype="float32")],
