@@ -94,6 +94,13 @@ def capture_graph(fn):
     return graph, out
 
 
+def fixed_cotangent_grads(outs, leaves):
+    """The gradients of leaves (tensors by name) for cotangents that are a fixed function of the outputs: no random
+    numbers, so that a CUDA graph can capture the call."""
+    cots = [torch.sin(7 * x.detach().float() + 0.3).to(x.dtype) for x in outs]
+    return dict(zip(leaves, torch.autograd.grad(outs, list(leaves.values()), cots)))
+
+
 def assert_same_results(got, want, grad_rel_tol):
     """got, want: (outputs, gradients by name) of two runs of one call. The outputs are equal bit for bit; each
     gradient is finite and within grad_rel_tol of its twin (0: bit for bit; a tolerance where atomics sum in any

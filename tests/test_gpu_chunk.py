@@ -10,7 +10,8 @@ import torch
 import fla_aot.ops as ops
 import fla_aot.ops.chunk as chunk
 from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, make_inputs, reference, rel_err, to_f64
-from tests.fused_recurrent_cases import assert_same_results, capture_graph, check_two_streams_match_one
+from tests.fused_recurrent_cases import (assert_same_results, capture_graph, check_two_streams_match_one,
+                                        fixed_cotangent_grads)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -250,14 +251,11 @@ def test_torch_compile_fullgraph_linear_attn_normalize():
 
 
 def _fwd_bwd(op, kw):
-    """Output, final state and every input gradient of one forward + backward; the cotangents are a fixed
-    function of the outputs (no random numbers, so that a CUDA graph can capture it)."""
+    """Output, final state and every input gradient of one forward + backward (fixed cotangents)."""
     leaves = {n: x.detach().clone().requires_grad_(True) for n, x in _leaves(kw).items()}
     o, ht = OPS[op](**_with_leaves(kw, leaves), output_final_state=True)
     outs = (o, *flat_states(ht))
-    cots = [torch.sin(7 * x.detach().float() + 0.3).to(x.dtype) for x in outs]
-    grads = torch.autograd.grad(outs, list(leaves.values()), cots)
-    return [x.detach() for x in outs], dict(zip(leaves, grads))
+    return [x.detach() for x in outs], fixed_cotangent_grads(outs, leaves)
 
 
 @pytest.mark.parametrize("op", ["gla", "simple_gla"])

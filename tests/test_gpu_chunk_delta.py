@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import fla_aot.ops as ops
 import fla_aot.ops.chunk_delta as chunk_delta
 from fla_aot.reference import fused_recurrent_reference
-from tests.fused_recurrent_cases import assert_same_results, capture_graph, check_two_streams_match_one, rel_err
+from tests.fused_recurrent_cases import (assert_same_results, capture_graph, check_two_streams_match_one,
+                                        fixed_cotangent_grads, rel_err)
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -131,16 +132,13 @@ def test_state_pass_slicings(monkeypatch, slices):
 
 
 def _fwd_bwd(kw, backward=True):
-    """(o, ht) and, with backward, every input's gradient by name (cotangents a fixed function of the outputs: no
-    random numbers, so that a CUDA graph can capture it)."""
+    """(o, ht) and, with backward, every input's gradient by name (fixed cotangents)."""
     if not backward:
         return ops.chunk_gated_delta_rule(**kw, output_final_state=True), {}
     leaves = {n: x.detach().clone().requires_grad_(True) for n, x in kw.items()
               if isinstance(x, torch.Tensor) and x.is_floating_point()}
     o, ht = ops.chunk_gated_delta_rule(**dict(kw, **leaves), output_final_state=True)
-    cots = [torch.sin(7 * x.detach().float() + 0.3).to(x.dtype) for x in (o, ht)]
-    grads = torch.autograd.grad((o, ht), list(leaves.values()), cots)
-    return (o.detach(), ht.detach()), dict(zip(leaves, grads))
+    return (o.detach(), ht.detach()), fixed_cotangent_grads((o, ht), leaves)
 
 
 def test_two_streams_match_one(monkeypatch):
