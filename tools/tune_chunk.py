@@ -34,6 +34,7 @@ from triton_src import chunk as chunk_src, chunk_delta as chunk_delta_src, chunk
 SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 SPECS = chunk_src.SPECS + chunk_gla_src.SPECS + chunk_delta_src.SPECS
 OPS_AOT = {**chunk._ops, **chunk_delta._ops}  # the installed cubins, before any is swapped for a JIT launch
+STREAM_OPS = ["gla", "simple_gla", "delta", "delta_rule"]  # what --streams times (_op_calls)
 
 
 def install(name, runner):
@@ -178,14 +179,14 @@ def main():
     p.add_argument("--aot", action="store_true",
                    help="with --breakdown: time the installed cubins, and torch's own kernels besides, instead of "
                         "JIT launches (a kernel compiled without what Triton's JIT specialises on differs)")
-    p.add_argument("--streams", nargs="*", default=None, choices=["gla", "simple_gla", "delta", "delta_rule"],
+    p.add_argument("--streams", nargs="*", default=None, choices=STREAM_OPS,
                    help="only time these ops (default: all four) end to end, installed cubins, with their independent "
                         "kernels on one stream and on two; with --kernels naming one kernel, that one through the JIT "
                         "in each of its candidate configs")
     p.add_argument("--only", default=None, help="with --streams: the candidate configs whose label matches this regex")
     args = p.parse_args()
     if args.streams is not None:
-        text = "\n".join(stream_times(args.streams or ["gla", "simple_gla", "delta", "delta_rule"],
+        text = "\n".join(stream_times(args.streams or STREAM_OPS,
                                        args.kernels if "," not in args.kernels else None, args.only))
         if args.out:
             Path(args.out).write_text(text + "\n")

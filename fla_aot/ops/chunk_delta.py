@@ -37,10 +37,10 @@ def _slicing(tabs, v):
     return programs < sms, 2 * programs < sms // 2
 
 
-def _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state):
-    """The chunk-to-chunk pass: (the states at chunk starts, v_new, the final state)."""
+def _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state, slicing):
+    """The chunk-to-chunk pass: (the states at chunk starts, v_new, the final state); slicing: _slicing(tabs, v)."""
     return _ops["chunk_delta_state"](k, w, u, gcum, initial_state, tabs.segments, tabs.chunks, state_v_first,
-                                     output_final_state, *_slicing(tabs, u))
+                                     output_final_state, *slicing)
 
 
 class ChunkDeltaFunction(torch.autograd.Function):
@@ -51,7 +51,8 @@ class ChunkDeltaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, scale, state_v_first, output_final_state, tabs):
         Ai, gcum = _ops["chunk_delta_solve"](k, beta, g, tabs.chunks)
         w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
-        states, v_new, ht = _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state)
+        states, v_new, ht = _state_pass(k, w, u, gcum, initial_state, tabs, state_v_first, output_final_state,
+                                        _slicing(tabs, v))
         (o,) = _ops["chunk_delta_fwd_o"](q, k, v_new, gcum, states, tabs.chunks, scale)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, Ai, gcum)
         ctx.args = (scale, state_v_first, tabs)
@@ -65,14 +66,15 @@ class ChunkDeltaFunction(torch.autograd.Function):
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
         w, u = _ops["chunk_delta_wu"](k, v, beta, gcum, Ai, tabs.chunks)
+        slicing = _slicing(tabs, v)  # both state passes slice V alike
         # the reversed state pass needs w but not the states: the forward's rerun goes beside it (both are chains of
         # dependent chunks that leave most of each SM idle)
         with Concurrent(q.device) as side:
-            states, v_new, _ = side(_state_pass, k, w, u, gcum, initial_state, tabs, state_v_first, False)
+            states, v_new, _ = side(_state_pass, k, w, u, gcum, initial_state, tabs, state_v_first, False, slicing)
             (dv_local,) = _ops["chunk_delta_bwd_dv_local"](q, k, gcum, do, tabs.chunks, scale)
             dstates, dv_new, dh0 = _ops["chunk_delta_bwd_state"](q, k, w, gcum, do, dv_local, dht, tabs.segments,
                                                                  tabs.chunks, scale, state_v_first,
-                                                                 initial_state is not None, *_slicing(tabs, v))
+                                                                 initial_state is not None, *slicing)
         dq, dk_state, dw, dG = _ops["chunk_delta_bwd_dqkw"](q, k, v_new, gcum, do, dv_new, states, dstates,
                                                             tabs.chunks, scale)
         dk, dv, dbeta, dg = _ops["chunk_delta_bwd_wy"](k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, tabs.chunks)
