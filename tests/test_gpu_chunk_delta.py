@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fla_aot.ops as ops
 import fla_aot.ops.chunk_delta as chunk_delta
 from fla_aot.reference import fused_recurrent_reference
+from tests import chunk_delta_kernel_refs as kernel_refs
 from tests.fused_recurrent_cases import (assert_same_results, capture_graph, check_two_streams_match_one,
                                         fixed_cotangent_grads, rel_err)
 
@@ -121,6 +122,18 @@ def test_in_kernel_options(flags):
 
 def test_long_sequence():
     check(make_inputs(B=1, T=2048, H=2, K=64, V=64, gate="weak"))
+
+
+@pytest.mark.parametrize("K,V", [(8, 8), (16, 100), (32, 48), (60, 60), (128, 128), (256, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_kernels_match_their_transcriptions(monkeypatch, K, V, dtype):
+    """chunk_delta_bwd_dqkw and chunk_delta_bwd_wy, each on the arguments it got in a backward, against its float64
+    transcription (tests/chunk_delta_kernel_refs.py): names the kernel and output that a miscompile breaks."""
+    kw = make_inputs(B=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, gate="strong", lengths=(70, 0, 130))
+    errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, lambda: _fwd_bwd(kw)))
+    assert set(errs) == set(kernel_refs.CHECKED)
+    # the same roundings as the kernels: what is left is float32 summation order and a rare flipped rounding
+    assert all(e < 1e-3 for per_kernel in errs.values() for e in per_kernel.values()), errs
 
 
 @pytest.mark.parametrize("slices", [64, 32, 16])

@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
 from fla_aot.ops.chunk import _Tables  # noqa: E402
 from fla_aot.reference import fused_recurrent_reference  # noqa: E402
+from tests import chunk_delta_kernel_refs as kernel_refs  # noqa: E402
 from tests.fused_recurrent_cases import rel_err  # noqa: E402
 from triton_src import chunk_delta as chunk_delta_src  # noqa: E402
 
@@ -87,3 +88,29 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
             continue
         assert x.grad is not None and torch.isfinite(x.grad).all(), name
         assert rel_err(x.grad, ref.grad) < 1e-4, (name, rel_err(x.grad, ref.grad))
+
+
+@pytest.mark.parametrize("case", ["gated_grouped", "plain_varlen", "gated_grouped_v_first_narrow"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_kernels_match_their_transcriptions(interpreted, monkeypatch, case, dtype):
+    """The float64 transcriptions that the GPU tests hold the compiled chunk_delta_bwd_dqkw and chunk_delta_bwd_wy
+    to (tests/chunk_delta_kernel_refs.py) agree with the kernels run by the interpreter."""
+    B, lengths, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
+    monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
+    T = 150 if lengths is None else sum(lengths)
+    torch.manual_seed(1)
+    q = torch.randn(B, T, H, K).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype)
+    v = torch.randn(B, T, HV, V).to(dtype)
+    beta = torch.sigmoid(torch.randn(B, T, HV))
+    g = None if gate is None else F.logsigmoid(torch.randn(B, T, HV) + 1.0)
+    tabs = _Tables(lengths or (T,) * B, 1 << 30, "cpu")
+    leaves = [x.requires_grad_() if x is not None else None for x in (q, k, v, g, beta)]
+
+    def run():
+        o, _ = chunk_delta.ChunkDeltaFunction.apply(*leaves, None, K ** -0.5, v_first, False, tabs)
+        (o.float() * torch.randn(o.shape)).sum().backward()
+    errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, run))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert set(errs) == set(kernel_refs.CHECKED)
+    assert all(e < tol for e in (*errs["chunk_delta_bwd_dqkw"].values(), *errs["chunk_delta_bwd_wy"].values())), errs
