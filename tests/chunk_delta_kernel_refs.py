@@ -1,5 +1,6 @@
-"""Kernel-by-kernel checks of the delta rule's backward: float64 transcriptions of chunk_delta_bwd_dqkw and
-chunk_delta_bwd_wy (triton_src/chunk_delta.py), one chunk of one value head at a time from the chunks table.
+"""Kernel-by-kernel checks of the delta rule's backward: float64 transcriptions of chunk_delta_bwd_state,
+chunk_delta_bwd_dqkw and chunk_delta_bwd_wy (triton_src/chunk_delta.py), one chunk (or, for the reversed state
+pass, one sequence) of one value head at a time from the tables.
 
 They round to the inputs' 16-bit dtype wherever the kernels do before a product, so a kernel agrees with them up
 to float32 sums; what they check is the compiled kernel, not the math (the end-to-end tests check that against
@@ -13,7 +14,7 @@ import torch
 import fla_aot.ops.chunk_delta as chunk_delta
 from tests.fused_recurrent_cases import rel_err
 
-CHECKED = ("chunk_delta_bwd_dqkw", "chunk_delta_bwd_wy")
+CHECKED = ("chunk_delta_bwd_state", "chunk_delta_bwd_dqkw", "chunk_delta_bwd_wy")
 
 
 def _rows(x, t0, t1, head):
@@ -37,6 +38,38 @@ def _decay(G, strict):
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     keep = (i > j) if strict else (i >= j)
     return torch.where(keep, torch.exp(torch.where(keep, G[:, None] - G[None, :], 0.)), 0.)
+
+
+def bwd_state(q, k, w, gcum, do, dv_local, dht, seqs, chunks, scale, state_v_first, output_dh0, *_slicing):
+    """(dstates, dv_new, dh0) as chunk_delta_bwd_state computes them, in float64 (the V slicing does not change
+    them)."""
+    H, HV, K, V = q.shape[2], do.shape[2], q.shape[3], do.shape[3]
+    dt = q.dtype
+    dstates = torch.zeros((chunks.shape[0], HV, K, V), dtype=torch.float64)
+    dv_new = torch.zeros(do.shape, dtype=torch.float64)
+    dh0 = torch.zeros((seqs.shape[0], HV, V, K) if state_v_first else (seqs.shape[0], HV, K, V), dtype=torch.float64)
+    for n, (_, bos, eos, c0) in enumerate(seqs.tolist()):
+        for hv in range(HV):
+            h = hv // (HV // H)
+            dh = torch.zeros(K, V, dtype=torch.float64)
+            if dht is not None:
+                dh = dht[n, hv].cpu().double()
+                dh = dh.T if state_v_first else dh
+            nt = -(-(eos - bos) // 64)
+            for i_c in reversed(range(nt)):
+                t0, t1 = bos + i_c * 64, min(bos + (i_c + 1) * 64, eos)
+                dstates[c0 + i_c, hv] = dh
+                G = gcum.reshape(-1, HV)[t0:t1, hv].cpu().double()
+                GL = G[-1]
+                Q, Kk = _rows(q.cpu(), t0, t1, h), _rows(k.cpu(), t0, t1, h)
+                W, DO, DVL = _rows(w.cpu(), t0, t1, hv), _rows(do.cpu(), t0, t1, hv), _rows(dv_local.cpu(), t0, t1, hv)
+                qdo = Q.T @ _round(DO * (torch.exp(G) * scale)[:, None], dt)
+                dvn = DVL + (Kk @ _round(dh, dt)) * torch.exp(GL - G)[:, None]
+                dv_new.view(-1, HV, V)[t0:t1, hv] = dvn
+                dh = dh * torch.exp(GL) + qdo - W.T @ _round(dvn, dt)
+            if output_dh0:
+                dh0[n, hv] = dh.T if state_v_first else dh
+    return dstates, dv_new, dh0 if output_dh0 else None
 
 
 def dqkw(q, k, v_new, gcum, do, dv_new, states, dstates, chunks, scale):
@@ -107,7 +140,8 @@ def wy(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, chunks):
     return dk, dv, dbeta, dg
 
 
-REFERENCES = {"chunk_delta_bwd_dqkw": (dqkw, ("dq", "dk", "dw", "dG")),
+REFERENCES = {"chunk_delta_bwd_state": (bwd_state, ("dstates", "dv_new", "dh0")),
+              "chunk_delta_bwd_dqkw": (dqkw, ("dq", "dk", "dw", "dG")),
               "chunk_delta_bwd_wy": (wy, ("dk", "dv", "dbeta", "dg"))}
 
 
@@ -133,5 +167,5 @@ def compare(calls):
         ref_fn, names = REFERENCES[name]
         refs = ref_fn(*args)
         errs[name] = {n: (rel_err(o, r.to(o.dtype)) if torch.isfinite(o).all() else float("nan"))
-                      for n, o, r in zip(names, outs, refs)}
+                      for n, o, r in zip(names, outs, refs) if r is not None}
     return errs

@@ -126,9 +126,12 @@ def test_long_sequence():
 
 @pytest.mark.parametrize("K,V", [(8, 8), (16, 100), (32, 48), (60, 60), (128, 128), (256, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_backward_kernels_match_their_transcriptions(monkeypatch, K, V, dtype):
-    """chunk_delta_bwd_dqkw and chunk_delta_bwd_wy, each on the arguments it got in a backward, against its float64
-    transcription (tests/chunk_delta_kernel_refs.py): names the kernel and output that a miscompile breaks."""
+@pytest.mark.parametrize("slices", [64, 32, 16])
+def test_backward_kernels_match_their_transcriptions(monkeypatch, K, V, dtype, slices):
+    """The reversed state pass, chunk_delta_bwd_dqkw and chunk_delta_bwd_wy, each on the arguments it got in a
+    backward, against its float64 transcription (tests/chunk_delta_kernel_refs.py), under each V slicing of the
+    state passes: names the kernel and output that a miscompile breaks."""
+    monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
     kw = make_inputs(B=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, gate="strong", lengths=(70, 0, 130))
     errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, lambda: _fwd_bwd(kw)))
     assert set(errs) == set(kernel_refs.CHECKED)

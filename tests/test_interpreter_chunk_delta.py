@@ -93,8 +93,8 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
 @pytest.mark.parametrize("case", ["gated_grouped", "plain_varlen", "gated_grouped_v_first_narrow"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_kernels_match_their_transcriptions(interpreted, monkeypatch, case, dtype):
-    """The float64 transcriptions that the GPU tests hold the compiled chunk_delta_bwd_dqkw and chunk_delta_bwd_wy
-    to (tests/chunk_delta_kernel_refs.py) agree with the kernels run by the interpreter."""
+    """The float64 transcriptions that the GPU tests hold the compiled backward kernels to
+    (tests/chunk_delta_kernel_refs.py) agree with the kernels run by the interpreter."""
     B, lengths, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
     monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
     T = 150 if lengths is None else sum(lengths)
@@ -104,13 +104,15 @@ def test_backward_kernels_match_their_transcriptions(interpreted, monkeypatch, c
     v = torch.randn(B, T, HV, V).to(dtype)
     beta = torch.sigmoid(torch.randn(B, T, HV))
     g = None if gate is None else F.logsigmoid(torch.randn(B, T, HV) + 1.0)
+    N = B if lengths is None else len(lengths)
+    h0 = torch.randn((N, HV, V, K) if v_first else (N, HV, K, V)) if with_h0 else None
     tabs = _Tables(lengths or (T,) * B, 1 << 30, "cpu")
-    leaves = [x.requires_grad_() if x is not None else None for x in (q, k, v, g, beta)]
+    leaves = [x.requires_grad_() if x is not None else None for x in (q, k, v, g, beta, h0)]
 
     def run():
-        o, _ = chunk_delta.ChunkDeltaFunction.apply(*leaves, None, K ** -0.5, v_first, False, tabs)
-        (o.float() * torch.randn(o.shape)).sum().backward()
+        o, ht = chunk_delta.ChunkDeltaFunction.apply(*leaves, K ** -0.5, v_first, True, tabs)
+        ((o.float() * torch.randn(o.shape)).sum() + (ht * torch.randn(ht.shape)).sum()).backward()
     errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, run))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert set(errs) == set(kernel_refs.CHECKED)
-    assert all(e < tol for e in (*errs["chunk_delta_bwd_dqkw"].values(), *errs["chunk_delta_bwd_wy"].values())), errs
+    assert all(e < tol for per_kernel in errs.values() for e in per_kernel.values()), errs
