@@ -22,6 +22,11 @@ def _rows(x, t0, t1, head):
     return x.reshape(-1, *x.shape[2:])[t0:t1, head].double()
 
 
+def _host(*xs):
+    # the kernels' arguments on the CPU, once per transcription (None and numbers pass through)
+    return [x.cpu() if isinstance(x, torch.Tensor) else x for x in xs]
+
+
 def _round(x, dtype):
     # the kernel's .to(16-bit) before a product (float32 inputs: none)
     return x.to(dtype).double()
@@ -43,6 +48,7 @@ def _decay(G, strict):
 def bwd_state(q, k, w, gcum, do, dv_local, dht, seqs, chunks, scale, state_v_first, output_dh0, *_slicing):
     """(dstates, dv_new, dh0) as chunk_delta_bwd_state computes them, in float64 (the V slicing does not change
     them)."""
+    q, k, w, gcum, do, dv_local, dht, seqs, chunks = _host(q, k, w, gcum, do, dv_local, dht, seqs, chunks)
     H, HV, K, V = q.shape[2], do.shape[2], q.shape[3], do.shape[3]
     dt = q.dtype
     dstates = torch.zeros((chunks.shape[0], HV, K, V), dtype=torch.float64)
@@ -53,16 +59,16 @@ def bwd_state(q, k, w, gcum, do, dv_local, dht, seqs, chunks, scale, state_v_fir
             h = hv // (HV // H)
             dh = torch.zeros(K, V, dtype=torch.float64)
             if dht is not None:
-                dh = dht[n, hv].cpu().double()
+                dh = dht[n, hv].double()
                 dh = dh.T if state_v_first else dh
             nt = -(-(eos - bos) // 64)
             for i_c in reversed(range(nt)):
                 t0, t1 = bos + i_c * 64, min(bos + (i_c + 1) * 64, eos)
                 dstates[c0 + i_c, hv] = dh
-                G = gcum.reshape(-1, HV)[t0:t1, hv].cpu().double()
+                G = _rows(gcum, t0, t1, hv)
                 GL = G[-1]
-                Q, Kk = _rows(q.cpu(), t0, t1, h), _rows(k.cpu(), t0, t1, h)
-                W, DO, DVL = _rows(w.cpu(), t0, t1, hv), _rows(do.cpu(), t0, t1, hv), _rows(dv_local.cpu(), t0, t1, hv)
+                Q, Kk = _rows(q, t0, t1, h), _rows(k, t0, t1, h)
+                W, DO, DVL = (_rows(x, t0, t1, hv) for x in (w, do, dv_local))
                 qdo = Q.T @ _round(DO * (torch.exp(G) * scale)[:, None], dt)
                 dvn = DVL + (Kk @ _round(dh, dt)) * torch.exp(GL - G)[:, None]
                 dv_new.view(-1, HV, V)[t0:t1, hv] = dvn
@@ -74,16 +80,18 @@ def bwd_state(q, k, w, gcum, do, dv_local, dht, seqs, chunks, scale, state_v_fir
 
 def dqkw(q, k, v_new, gcum, do, dv_new, states, dstates, chunks, scale):
     """(dq, dk, dw, dG) as chunk_delta_bwd_dqkw computes them, in float64."""
+    q, k, v_new, gcum, do, dv_new, states, dstates, chunks = _host(q, k, v_new, gcum, do, dv_new, states, dstates,
+                                                                  chunks)
     H, HV = q.shape[2], v_new.shape[2]
     dt = q.dtype
     shape_k = (*v_new.shape[:3], q.shape[3])
     dq, dk, dw = (torch.zeros(shape_k, dtype=torch.float64) for _ in range(3))
     dG = torch.zeros(v_new.shape[:3], dtype=torch.float64)
-    for c, hv, h, t0, t1 in _programs(chunks.cpu(), HV, H):
-        Q, Kk = _rows(q.cpu(), t0, t1, h), _rows(k.cpu(), t0, t1, h)
-        VN, DO, DVN = (_rows(x.cpu(), t0, t1, hv) for x in (v_new, do, dv_new))
-        Hs, DH = states[c, hv].cpu().double(), dstates[c, hv].cpu().double()
-        G = gcum.reshape(-1, HV)[t0:t1, hv].cpu().double()
+    for c, hv, h, t0, t1 in _programs(chunks, HV, H):
+        Q, Kk = _rows(q, t0, t1, h), _rows(k, t0, t1, h)
+        VN, DO, DVN = (_rows(x, t0, t1, hv) for x in (v_new, do, dv_new))
+        Hs, DH = states[c, hv].double(), dstates[c, hv].double()
+        G = _rows(gcum, t0, t1, hv)
         GL = G[-1]
         b_dq = (DO @ Hs.T) * (torch.exp(G) * scale)[:, None]
         b_dk = (VN @ DH.T) * torch.exp(GL - G)[:, None]
@@ -104,19 +112,20 @@ def dqkw(q, k, v_new, gcum, do, dv_new, states, dstates, chunks, scale):
 
 def wy(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, chunks):
     """(dk, dv, dbeta, dg) as chunk_delta_bwd_wy computes them, in float64."""
+    k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, chunks = _host(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG,
+                                                                   chunks)
     H, HV = k.shape[2], v.shape[2]
     dt = k.dtype
     dk = torch.zeros((*v.shape[:3], k.shape[3]), dtype=torch.float64)
     dv = torch.zeros(v.shape, dtype=torch.float64)
     dbeta, dg = (torch.zeros(v.shape[:3], dtype=torch.float64) for _ in range(2))
-    for c, hv, h, t0, t1 in _programs(chunks.cpu(), HV, H):
+    for c, hv, h, t0, t1 in _programs(chunks, HV, H):
         n = t1 - t0
-        Kk, Vv = _rows(k.cpu(), t0, t1, h), _rows(v.cpu(), t0, t1, hv)
-        DW, DU, DKS = (_rows(x.cpu(), t0, t1, hv) for x in (dw, dv_new, dk_state))
-        b = beta.reshape(-1, HV)[t0:t1, hv].cpu().double()
-        G = gcum.reshape(-1, HV)[t0:t1, hv].cpu().double()
+        Kk, Vv = _rows(k, t0, t1, h), _rows(v, t0, t1, hv)
+        DW, DU, DKS = (_rows(x, t0, t1, hv) for x in (dw, dv_new, dk_state))
+        b, G = _rows(beta, t0, t1, hv), _rows(gcum, t0, t1, hv)
         eG = torch.exp(G)
-        Tt = _round(Ai.reshape(-1, HV, Ai.shape[3])[t0:t1, hv, :n].cpu().double().T, dt)
+        Tt = _round(_rows(Ai, t0, t1, hv)[:, :n].T, dt)
         DWr, DUr = _round(DW, dt), _round(DU, dt)
         dT = DWr @ _round(Kk * (b * eG)[:, None], dt).T + DUr @ _round(Vv * b[:, None], dt).T
         dA = -(_round(Tt @ _round(dT, dt), dt) @ Tt) * _decay(G, strict=True)
@@ -132,7 +141,7 @@ def wy(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, chunks):
         b_dG = b_dG + t * b
         dvb = Tt @ DUr
         b_dbeta = b_dbeta + (dvb * Vv).sum(1)
-        b_dG = b_dG + dG.reshape(-1, HV)[t0:t1, hv].cpu().double()
+        b_dG = b_dG + _rows(dG, t0, t1, hv)
         dk.view(-1, HV, dk.shape[3])[t0:t1, hv] = b_dk
         dv.view(-1, HV, dv.shape[3])[t0:t1, hv] = dvb * b[:, None]
         dbeta.view(-1, HV)[t0:t1, hv] = b_dbeta
@@ -145,17 +154,22 @@ REFERENCES = {"chunk_delta_bwd_state": (bwd_state, ("dstates", "dv_new", "dh0"))
               "chunk_delta_bwd_wy": (wy, ("dk", "dv", "dbeta", "dg"))}
 
 
-def record_backward(monkeypatch, run):
+def record_backward(run):
     """Calls run() (a forward + backward) with the checked kernels' arguments and outputs recorded: {name: (args,
-    outputs)} of each one's last call."""
-    calls = {}
-    for name in CHECKED:
-        def recording(*args, op=chunk_delta._ops[name], name=name):
-            out = op(*args)
+    outputs)} of each one's last call. The ops are put back afterwards."""
+    calls, ops = {}, {name: chunk_delta._ops[name] for name in CHECKED}
+
+    def recording(name):
+        def run_op(*args):
+            out = ops[name](*args)
             calls[name] = (args, out)
             return out
-        monkeypatch.setitem(chunk_delta._ops, name, recording)
-    run()
+        return run_op
+    chunk_delta._ops.update({name: recording(name) for name in CHECKED})
+    try:
+        run()
+    finally:
+        chunk_delta._ops.update(ops)
     return calls
 
 

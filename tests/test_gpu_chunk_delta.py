@@ -133,7 +133,7 @@ def test_backward_kernels_match_their_transcriptions(monkeypatch, K, V, dtype, s
     state passes: names the kernel and output that a miscompile breaks."""
     monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
     kw = make_inputs(B=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, gate="strong", lengths=(70, 0, 130))
-    errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, lambda: _fwd_bwd(kw)))
+    errs = kernel_refs.compare(kernel_refs.record_backward(lambda: _fwd_bwd(kw)))
     assert set(errs) == set(kernel_refs.CHECKED)
     # the same roundings as the kernels: what is left is float32 summation order and a rare flipped rounding
     assert all(e < 1e-3 for per_kernel in errs.values() for e in per_kernel.values()), errs

@@ -50,16 +50,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
+def case_inputs(monkeypatch, case, dtype=torch.float32):
+    """CASES[case] as random inputs: ((q, k, v, g, beta, h0), (do, dht), lengths, tabs), q/k/v in dtype, with the
+    state passes' V slicing set as the case names it."""
     B, lengths, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
     monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
     T = 150 if lengths is None else sum(lengths)
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)
-    q = torch.randn(B, T, H, K)
-    k = F.normalize(torch.randn(B, T, H, K), dim=-1)
-    v = torch.randn(B, T, HV, V)
+    q = torch.randn(B, T, H, K).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype)
+    v = torch.randn(B, T, HV, V).to(dtype)
     beta = torch.sigmoid(torch.randn(B, T, HV))
     g = {"strong": F.logsigmoid(torch.randn(B, T, HV) + 1.0), "weak": -0.05 * torch.rand(B, T, HV),
          None: None}[gate]
@@ -67,10 +68,16 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
     h0 = torch.randn(state_shape) if with_h0 else None
     do, dht = torch.randn(B, T, HV, V), torch.randn(state_shape)
     lengths = lengths or (T,) * B
+    return (q, k, v, g, beta, h0), (do, dht), lengths, _Tables(lengths, 1 << 30, "cpu")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
+    B, _, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
+    (q, k, v, g, beta, h0), (do, dht), lengths, tabs = case_inputs(monkeypatch, case)
     cu = None if len(lengths) == B else torch.tensor((0,) + lengths).cumsum(0)
 
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (q, k, v, g, beta, h0)]
-    tabs = _Tables(lengths, 1 << 30, "cpu")
     o, ht = chunk_delta.ChunkDeltaFunction.apply(*leaves, K ** -0.5, v_first, True, tabs)
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     ((o * do).sum() + (ht * dht).sum()).backward()
@@ -95,24 +102,14 @@ def test_chunk_delta_forward_and_backward(interpreted, monkeypatch, case):
 def test_backward_kernels_match_their_transcriptions(interpreted, monkeypatch, case, dtype):
     """The float64 transcriptions that the GPU tests hold the compiled backward kernels to
     (tests/chunk_delta_kernel_refs.py) agree with the kernels run by the interpreter."""
-    B, lengths, H, HV, K, V, gate, with_h0, v_first, slices = CASES[case]
-    monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
-    T = 150 if lengths is None else sum(lengths)
-    torch.manual_seed(1)
-    q = torch.randn(B, T, H, K).to(dtype)
-    k = F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype)
-    v = torch.randn(B, T, HV, V).to(dtype)
-    beta = torch.sigmoid(torch.randn(B, T, HV))
-    g = None if gate is None else F.logsigmoid(torch.randn(B, T, HV) + 1.0)
-    N = B if lengths is None else len(lengths)
-    h0 = torch.randn((N, HV, V, K) if v_first else (N, HV, K, V)) if with_h0 else None
-    tabs = _Tables(lengths or (T,) * B, 1 << 30, "cpu")
-    leaves = [x.requires_grad_() if x is not None else None for x in (q, k, v, g, beta, h0)]
+    K, v_first = CASES[case][4], CASES[case][8]
+    inputs, (do, dht), _, tabs = case_inputs(monkeypatch, case, dtype)
+    leaves = [x.requires_grad_() if x is not None else None for x in inputs]
 
     def run():
         o, ht = chunk_delta.ChunkDeltaFunction.apply(*leaves, K ** -0.5, v_first, True, tabs)
-        ((o.float() * torch.randn(o.shape)).sum() + (ht * torch.randn(ht.shape)).sum()).backward()
-    errs = kernel_refs.compare(kernel_refs.record_backward(monkeypatch, run))
+        ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    errs = kernel_refs.compare(kernel_refs.record_backward(run))
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert set(errs) == set(kernel_refs.CHECKED)
     assert all(e < tol for per_kernel in errs.values() for e in per_kernel.values()), errs
