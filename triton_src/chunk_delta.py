@@ -303,7 +303,7 @@ def chunk_delta_bwd_state_kernel(q, k, w, gcum, do, dv_local, dht, seqs, dstates
         b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
         b_dvn = (tl.load(dv_local + p_dv, mask=m_dv, other=0.)
                  + _dot(b_k, b_dh.to(b_k.dtype)) * tl.where(mask_t, tl.exp(b_GL - b_G), 0.)[:, None])
-        tl.store(dv_new + p_dv, b_dvn, mask=m_dv)
+        tl.store(dv_new + p_dv, b_dvn.to(dv_new.dtype.element_ty), mask=m_dv)
         b_w = _tile(w, o_t, mask_t, HV, i_hv, K, o_k, mask_k)
         b_dh = b_dh * tl.exp(b_GL) + b_qdo - _dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if output_dh0 != 0:
@@ -361,7 +361,7 @@ def chunk_delta_bwd_dqkw_kernel(q, k, v_new, gcum, do, dv_new, states, dstates, 
     m = mask_t[:, None] & mask_k[None, :]
     tl.store(dq + p, b_dq.to(dq.dtype.element_ty), mask=m)
     tl.store(dk + p, b_dk.to(dk.dtype.element_ty), mask=m)
-    tl.store(dw + p, -b_dw, mask=m)
+    tl.store(dw + p, (-b_dw).to(dw.dtype.element_ty), mask=m)
     tl.atomic_add(dG + o_t * HV + i_hv, b_dG, mask=mask_t)
 
 
@@ -450,8 +450,15 @@ def _wu_config(KP, **_):
     return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
 
 
+# dv_new and dw are stored in the 16-bit dtype (every consumer rounds them to it before its product: the same
+# gradients as from float32, with less traffic). Read that way, chunk_delta_bwd_wy's dk and chunk_delta_bwd_dqkw's dw
+# came out wrong on the H200 with K slices of 32 or less, so the slices are 64 wide at every head dim; and dqkw's dw
+# was wrong at T=2048 H=16 while software-pipelined (num_stages=2), right at the tests' small shapes. H200 through
+# the JIT, per forward + backward step at B8 T2048 / B2 T8192 / B1 T32768 (docs/tuning/chunk_delta.md): wy 0.273 /
+# 0.273 / 0.529 ms against 0.312 / 0.311 / 0.607 with float32 dw and dv_new, the reversed state pass 0.212 / 0.309 /
+# 0.989 against 0.233 / 0.326 / 1.018, dqkw unpipelined 0.476 / 0.469 / 0.920 against 0.451 / 0.448 / 0.879
 def _wy_bwd_config(KP, **_):
-    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=1)
+    return dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=1)
 
 
 def _state_config(KP, NARROW, NARROWEST, **_):
@@ -478,8 +485,8 @@ def _bwd_state_config(KP, NARROW, NARROWEST, **_):
     return dict(BV={16: 64, 32: 64, 64: 64, 128: 64, 256: 32}[KP], BT=CHUNK, num_warps=8, num_stages=3)
 
 
-def _chunk_config(KP, **_):
-    return dict(BK=min(KP, 64), BV=64, BT=CHUNK, num_warps=4, num_stages=2)
+def _dqkw_config(KP, **_):
+    return dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=1)
 
 
 def _output_config(KP, **_):
@@ -574,7 +581,7 @@ SPECS = [
               Tensor("dht", "N HV K V", optional=True, dtypes=["float32"], transposed_if="state_v_first"),
               _SEQS, _CHUNKS, Float("scale"), Bool("state_v_first"), Bool("output_dh0"), Bool("narrow"),
               Bool("narrowest")],
-        outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype="float32"),
+        outputs=[Output("dstates", "C HV K V", dtype_of="q"), Output("dv_new", "B T HV V", dtype_of="q"),
                  Output("dh0", "N HV K V", dtype="float32", when="output_dh0", transposed_if="state_v_first")],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"]), *_NARROW],
         launch_config=_bwd_state_config,
@@ -587,12 +594,12 @@ SPECS = [
         kernel=chunk_delta_bwd_dqkw_kernel,
         doc="Delta rule backward: dq, dk through the output and states, dw, and the gate's per-token terms.",
         args=[*_QK, Tensor("v_new", "B T HV V", same_dtype_as="q"), _GCUM, Tensor("do", "B T HV V", same_dtype_as="q"),
-              Tensor("dv_new", "B T HV V", dtypes=["float32"]), Tensor("states", "C HV K V", same_dtype_as="q"),
+              Tensor("dv_new", "B T HV V", same_dtype_as="q"), Tensor("states", "C HV K V", same_dtype_as="q"),
               Tensor("dstates", "C HV K V", same_dtype_as="q"), _CHUNKS, Float("scale")],
         outputs=[Output("dq", "B T HV K", dtype_of="q"), Output("dk", "B T HV K", dtype_of="q"),
-                 Output("dw", "B T HV K", dtype="float32"), Output("dG", "B T HV", dtype="float32", zeros=True)],
+                 Output("dw", "B T HV K", dtype_of="q"), Output("dG", "B T HV", dtype="float32", zeros=True)],
         axes=[DtypeAxis("q"), BucketAxis("KP", "K", K_BUCKETS), AlignedAxis(["K", "V"])],
-        launch_config=_chunk_config,
+        launch_config=_dqkw_config,
         grid=["C * HV", "cdiv(K, BK)"],
         divisible=_GROUPED,
     ),
@@ -602,8 +609,8 @@ SPECS = [
         doc="Delta rule backward through the WY representation: dk, dv, dbeta and the gate's gradient.",
         args=[Tensor("k", "B T H K", dtypes=DELTA_DTYPES), Tensor("v", "B T HV V", same_dtype_as="k"),
               Tensor("beta", "B T HV", dtypes=_GATE_DTYPES), _GCUM,
-              Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]), Tensor("dw", "B T HV K", dtypes=["float32"]),
-              Tensor("dv_new", "B T HV V", dtypes=["float32"]), Tensor("dk_state", "B T HV K", same_dtype_as="k"),
+              Tensor("Ai", f"B T HV {CHUNK}", dtypes=["float32"]), Tensor("dw", "B T HV K", same_dtype_as="k"),
+              Tensor("dv_new", "B T HV V", same_dtype_as="k"), Tensor("dk_state", "B T HV K", same_dtype_as="k"),
               Tensor("dG", "B T HV", dtypes=["float32"]), _CHUNKS],
         outputs=[Output("dk", "B T HV K", dtype_of="k"), Output("dv", "B T HV V", dtype_of="v"),
                  Output("dbeta", "B T HV", dtype="float32"), Output("dg", "B T HV", dtype="float32")],
