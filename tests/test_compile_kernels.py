@@ -229,6 +229,17 @@ def test_kernel_too_large_for_the_arch_fails_loudly(tmp_path):
     assert not (tmp_path / "manifest.json").exists()
 
 
+def test_pipelining_race_fails_loudly(tmp_path):
+    """A pipelined loop that refills a buffer an asynchronous product may still read (chunk_delta_bwd_dqkw on
+    num_stages=2, whose dw this raced on the H200) is refused, naming the buffer and the products."""
+    res, _ = run_tool("--arch", "90", "--out", tmp_path, "--families", "tests.racy_family", timeout=600)
+    assert res.returncode != 0
+    assert "tests.racy_family.pipelined_dqkw[bf16_KP128_A16] sm_90" in res.stderr, res.stderr[-3000:]
+    assert "refills a one-slot buffer" in res.stderr and "%b_h_" in res.stderr and "%b_dw" in res.stderr
+    assert "pipelined_dqkw[bf16_KP128] " not in res.stderr  # unaligned loads are not pipelined: no race
+    assert not (tmp_path / "manifest.json").exists()
+
+
 def test_cache_moves_between_machines(tmp_path):
     """--export-cache packs the entries a build used; a fresh output folder that imports them compiles nothing and
     writes the same cubins."""

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tools.kernel_spec import TRITON_VERSION  # noqa: E402
+from tools.pipeline_races import pipeline_races  # noqa: E402
 
 MANIFEST_VERSION = 1
 
@@ -98,6 +99,13 @@ def _compile_one(job):
             raise RuntimeError(f"{op_name}[{variant['key']}] needs {md.shared} bytes of shared memory with "
                                f"num_stages=1; sm_{arch} allows {limit}: choose smaller blocks in its launch config")
         options["num_stages"] -= 1
+    races = pipeline_races(compiled.asm["ttgir"])
+    if races:
+        raise RuntimeError(f"{op_name}[{variant['key']}] sm_{arch}: the pipelined loop (num_stages="
+                           f"{options['num_stages']}) refills a one-slot buffer that an asynchronous product may "
+                           f"still read (tools/pipeline_races.py): "
+                           + "; ".join(f"{buf} while {', '.join(dots)}" for _, buf, dots in races)
+                           + ". Use num_stages=1, or feed that load to products only")
     meta = {
         "kernel_name": md.name,
         "num_warps": md.num_warps,
