@@ -453,7 +453,8 @@ def _wu_config(KP, **_):
 # dv_new and dw are stored in the 16-bit dtype (every consumer rounds them to it before its product: the same
 # gradients as from float32, with less traffic). Read that way, chunk_delta_bwd_wy's dk and chunk_delta_bwd_dqkw's dw
 # came out wrong on the H200 with K slices of 32 or less, so the slices are 64 wide at every head dim; and dqkw's dw
-# was wrong at T=2048 H=16 while software-pipelined (num_stages=2), right at the tests' small shapes. H200 through
+# was wrong at T=2048 H=16 while software-pipelined (num_stages=2: h and dh in one buffer slot each, refilled while
+# the products read them, which the build now refuses: tools/pipeline_races.py), right at small shapes. H200 through
 # the JIT, per forward + backward step at B8 T2048 / B2 T8192 / B1 T32768 (docs/tuning/chunk_delta.md): wy 0.273 /
 # 0.273 / 0.529 ms against 0.312 / 0.311 / 0.607 with float32 dw and dv_new, the reversed state pass 0.212 / 0.309 /
 # 0.989 against 0.233 / 0.326 / 1.018, dqkw unpipelined 0.476 / 0.469 / 0.920 against 0.451 / 0.448 / 0.879
