@@ -3,8 +3,8 @@ tool's subprocess, as `--families tests.racy_family`): its h and dh loads get on
 the products reading them may still run (tools/pipeline_races.py), so the build must refuse it."""
 import dataclasses
 
-from triton_src.chunk_delta import CHUNK, SPECS as DELTA_SPECS
+from triton_src.chunk_delta import SPECS as DELTA_SPECS
 
 _DQKW = next(s for s in DELTA_SPECS if s.name == "chunk_delta_bwd_dqkw")
 SPECS = [dataclasses.replace(_DQKW, name="pipelined_dqkw",
-                             launch_config=lambda **_: dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=2))]
+                             launch_config=lambda **axes: dict(_DQKW.launch_config(**axes), num_stages=2))]

@@ -124,17 +124,29 @@ def test_long_sequence():
     check(make_inputs(B=1, T=2048, H=2, K=64, V=64, gate="weak"))
 
 
+# the inputs of the transcription checks (also tools/check_delta_forms.py's): small varlen batches with an empty
+# sequence, given K, V and dtype; and one sequence of the benchmark's size
+TRANSCRIPTION_INPUTS = dict(B=1, T=200, H=2, HV=4, gate="strong", lengths=(70, 0, 130))
+AT_SCALE_INPUTS = dict(B=1, T=2048, H=16, K=128, V=128, gate="strong")
+
+
+def transcription_errors(kw):
+    """{kernel: {output: relative error}}: the reversed state pass, chunk_delta_bwd_dqkw and chunk_delta_bwd_wy,
+    each on the arguments it got in one backward of kw, against its float64 transcription
+    (tests/chunk_delta_kernel_refs.py)."""
+    errs = kernel_refs.compare(kernel_refs.record_backward(lambda: _fwd_bwd(kw)))
+    assert set(errs) == set(kernel_refs.CHECKED)
+    return errs
+
+
 @pytest.mark.parametrize("K,V", [(8, 8), (16, 100), (32, 48), (60, 60), (128, 128), (256, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("slices", [64, 32, 16])
 def test_backward_kernels_match_their_transcriptions(monkeypatch, K, V, dtype, slices):
-    """The reversed state pass, chunk_delta_bwd_dqkw and chunk_delta_bwd_wy, each on the arguments it got in a
-    backward, against its float64 transcription (tests/chunk_delta_kernel_refs.py), under each V slicing of the
-    state passes: names the kernel and output that a miscompile breaks."""
+    """Each backward kernel against its transcription under each V slicing of the state passes: names the kernel
+    and output that a miscompile breaks."""
     monkeypatch.setattr(chunk_delta, "_slicing", lambda tabs, v: (slices < 64, slices < 32))
-    kw = make_inputs(B=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, gate="strong", lengths=(70, 0, 130))
-    errs = kernel_refs.compare(kernel_refs.record_backward(lambda: _fwd_bwd(kw)))
-    assert set(errs) == set(kernel_refs.CHECKED)
+    errs = transcription_errors(make_inputs(K=K, V=V, dtype=dtype, **TRANSCRIPTION_INPUTS))
     # the same roundings as the kernels: what is left is float32 summation order and a rare flipped rounding
     assert all(e < 1e-3 for per_kernel in errs.values() for e in per_kernel.values()), errs
 
@@ -143,9 +155,7 @@ def test_backward_kernels_match_their_transcriptions_at_scale():
     """As above on one sequence of the benchmark's size (T=2048, 16 heads, K=V=128) with the op's own slicing: with
     16-bit dv_new and chunk_delta_bwd_dqkw software-pipelined (num_stages=2), dw came out 5e-2 from its
     transcription here on the H200 and right at every small shape above."""
-    kw = make_inputs(B=1, T=2048, H=16, K=128, V=128, gate="strong")
-    errs = kernel_refs.compare(kernel_refs.record_backward(lambda: _fwd_bwd(kw)))
-    assert set(errs) == set(kernel_refs.CHECKED)
+    errs = transcription_errors(make_inputs(**AT_SCALE_INPUTS))
     assert all(e < 1e-3 for per_kernel in errs.values() for e in per_kernel.values()), errs
 
 

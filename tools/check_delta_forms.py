@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fla_aot.ops.chunk_delta as chunk_delta  # noqa: E402
-from tests import chunk_delta_kernel_refs as kernel_refs  # noqa: E402
 from tests import test_gpu_chunk_delta as gpu_tests  # noqa: E402
 from tools.jit_launch import jit_runner, kernel_times_ms  # noqa: E402
 from tools.kernel_spec import DtypeAxis  # noqa: E402
@@ -78,8 +77,8 @@ def _cases():
     for (K, V), slices, dtype in [(kv, s, torch.bfloat16) for kv in HEAD_DIMS for s in SLICES] + [
             ((32, 48), 64, torch.float16)]:
         yield (f"K={K} V={V} slices={slices} {str(dtype).removeprefix('torch.')}", slices,
-               gpu_tests.make_inputs(B=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, gate="strong", lengths=(70, 0, 130)))
-    yield "T=2048 H=16 K=V=128", None, gpu_tests.make_inputs(B=1, T=2048, H=16, K=128, V=128, gate="strong")
+               gpu_tests.make_inputs(K=K, V=V, dtype=dtype, **gpu_tests.TRANSCRIPTION_INPUTS))
+    yield "T=2048 H=16 K=V=128", None, gpu_tests.make_inputs(**gpu_tests.AT_SCALE_INPUTS)
 
 
 def check():
@@ -90,7 +89,7 @@ def check():
         if slices is not None:
             chunk_delta._slicing = lambda tabs, v, s=slices: (s < 64, s < 32)
         try:
-            errs = kernel_refs.compare(kernel_refs.record_backward(lambda: gpu_tests._fwd_bwd(kw)))
+            errs = gpu_tests.transcription_errors(kw)
         except Exception as e:  # e.g. out of shared memory through the JIT
             failed.append(f"{label}: {type(e).__name__}: {str(e)[:100]}")
             errs = {}
