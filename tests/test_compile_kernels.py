@@ -230,8 +230,9 @@ def test_kernel_too_large_for_the_arch_fails_loudly(tmp_path):
 
 
 def test_pipelining_race_fails_loudly(tmp_path):
-    """A pipelined loop that refills a buffer an asynchronous product may still read (chunk_delta_bwd_dqkw on
-    num_stages=2, whose dw this raced on the H200) is refused, naming the buffer and the products."""
+    """A pipelined loop that refills a buffer an asynchronous product may still read (the loop shape of
+    chunk_delta_bwd_dqkw on num_stages=2 while h also fed a register sum, whose dw this raced on the H200) is
+    refused, naming the buffer and the products."""
     res, _ = run_tool("--arch", "90", "--out", tmp_path, "--families", "tests.racy_family", timeout=600)
     assert res.returncode != 0
     assert "tests.racy_family.pipelined_dqkw[bf16_KP128_A16] sm_90" in res.stderr, res.stderr[-3000:]

@@ -328,7 +328,7 @@ def chunk_delta_bwd_dqkw_kernel(q, k, v_new, gcum, do, dv_new, states, dstates, 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
-    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    b_hh = tl.zeros([BK, BK], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         mask_v = o_v < V
@@ -343,7 +343,10 @@ def chunk_delta_bwd_dqkw_kernel(q, k, v_new, gcum, do, dv_new, states, dstates, 
         b_dq += _dot(b_do, tl.trans(b_h))
         b_dk += _dot(b_vn, tl.trans(b_dh))
         b_dw += _dot(b_dvn.to(b_h.dtype), tl.trans(b_h))
-        b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+        # sum_v h dh as the diagonal of h dh^T: h and dh then feed products only, and on sm_90 a pipelined loop
+        # gives each two buffer slots (a register use leaves them one, refilled while async products read it)
+        b_hh += _dot(b_h, tl.trans(b_dh))
+    b_hdh = tl.sum(tl.where(o_k[:, None] == o_k[None, :], b_hh, 0.), 1)
     b_G, b_GL = _gates(gcum, o_t, mask_t, t1, i_hv, HV)
     b_q = _tile(q, o_t, mask_t, H, i_h, K, o_k, mask_k)
     b_k = _tile(k, o_t, mask_t, H, i_h, K, o_k, mask_k)
@@ -452,12 +455,10 @@ def _wu_config(KP, **_):
 
 # dv_new and dw are stored in the 16-bit dtype (every consumer rounds them to it before its product: the same
 # gradients as from float32, with less traffic). Read that way, chunk_delta_bwd_wy's dk and chunk_delta_bwd_dqkw's dw
-# came out wrong on the H200 with K slices of 32 or less, so the slices are 64 wide at every head dim; and dqkw's dw
-# was wrong at T=2048 H=16 while software-pipelined (num_stages=2: h and dh in one buffer slot each, refilled while
-# the products read them, which the build now refuses: tools/pipeline_races.py), right at small shapes. H200 through
+# came out wrong on the H200 with K slices of 32 or less, so the slices are 64 wide at every head dim. H200 through
 # the JIT, per forward + backward step at B8 T2048 / B2 T8192 / B1 T32768 (docs/tuning/chunk_delta.md): wy 0.273 /
 # 0.273 / 0.529 ms against 0.312 / 0.311 / 0.607 with float32 dw and dv_new, the reversed state pass 0.212 / 0.309 /
-# 0.989 against 0.233 / 0.326 / 1.018, dqkw unpipelined 0.476 / 0.469 / 0.920 against 0.451 / 0.448 / 0.879
+# 0.989 against 0.233 / 0.326 / 1.018
 def _wy_bwd_config(KP, **_):
     return dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=1)
 
@@ -487,7 +488,11 @@ def _bwd_state_config(KP, NARROW, NARROWEST, **_):
 
 
 def _dqkw_config(KP, **_):
-    return dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=1)
+    # pipelined (num_stages=2) now that h and dh feed products only (sum_v h dh is the diagonal of h dh^T): while it
+    # was a register sum, their loads got one buffer slot each and dw was wrong at T=2048 H=16 (tools/pipeline_races.py
+    # refuses that). H200 through the JIT, per step at B8 / B2 / B1: 0.375 / 0.370 / 0.724 ms against 0.480 / 0.471 /
+    # 0.925 for the register sum unpipelined (docs/tuning/chunk_delta.md)
+    return dict(BK=64, BV=64, BT=CHUNK, num_warps=4, num_stages=2)
 
 
 def _output_config(KP, **_):
