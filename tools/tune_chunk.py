@@ -134,19 +134,6 @@ def step_times(B, T, kernel_names, steps=3, op="simple_gla"):
     return kernel_times_ms(_op_calls(B, T, op)[1], kernel_names, steps)
 
 
-def one_and_two_streams_ms(fn):
-    """Wall ms per call of fn with the independent kernels on one stream and on two (fla_aot.ops.utils.CONCURRENT):
-    CUDA events, the lower of two interleaved medians of 7 x 10 calls each (drift hits both alike)."""
-    times = {}
-    try:
-        for concurrent in (False, True, False, True):
-            utils.CONCURRENT = concurrent
-            times.setdefault(concurrent, []).append(event_time_per_call(fn, n=10, repeats=7, warmup=3) * 1e3)
-    finally:
-        utils.CONCURRENT = True
-    return min(times[False]), min(times[True])
-
-
 def stream_times(ops_to_time, jit_kernel=None, only=None):
     """Wall time (CUDA events: the lower of two interleaved medians of 7 x 10 calls) of forward and forward +
     backward of each op at each shape, with the independent kernels on one stream and on two
@@ -163,13 +150,18 @@ def stream_times(ops_to_time, jit_kernel=None, only=None):
             install(jit_kernel, jit_runner(specs[jit_kernel], cand[1], cand[0]))
         forward, step = _op_calls(B, T, op)
         for label, fn in (("forward", forward), ("forward + backward", step)):
+            times = {}
             try:
-                one, two = one_and_two_streams_ms(fn)
+                for concurrent in (False, True, False, True):  # interleaved: drift hits both alike
+                    utils.CONCURRENT = concurrent
+                    times.setdefault(concurrent, []).append(event_time_per_call(fn, n=10, repeats=7, warmup=3) * 1e3)
             except Exception as e:  # e.g. out of shared memory or registers for this config
                 print(f"{op} B{B} T{T} {config}: failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 break
+            one, two = min(times[False]), min(times[True])
             rows.append(f"| {op} | B{B} T{T} | {config} | {label} | {one:.3f} | {two:.3f} | {one / two:.3f}x |")
             print(rows[-1], flush=True)
+    utils.CONCURRENT = True
     if jit_kernel:
         install(jit_kernel, OPS_AOT[jit_kernel])
     return rows
