@@ -131,3 +131,38 @@ def reference(op, kw):
 def flat_states(ht):
     """A final state as a tuple of tensors (linear_attn with normalize gives (kv, z))."""
     return () if ht is None else (ht if isinstance(ht, tuple) else (ht,))
+
+
+# chunk_gla's intra-chunk products by how far the gate sums stray within a chunk (triton_src/chunk_gla.py: SPAN):
+# per-step log gate sizes, by dtype's SPAN, that put whole chunks on one reference row ("chunk"), 16-row blocks
+# but not their chunk on one ("block"), and the blocks themselves past SPAN (the pairing tree, "tree")
+GLA_PATH_STEPS = {40.0: {"chunk": 0.05, "block": 2.0, "tree": 8.0}, 2.0: {"chunk": 0.02, "block": 0.1, "tree": 0.5}}
+
+
+def gla_gate_by_chunk(B, T, H, K, paths, span, generator=None, device="cpu"):
+    """A per-key log gate whose chunk c (64 tokens from the sequence's start) takes the path paths[c % len]:
+    steps of -size * U[0.5, 1.5)."""
+    steps = torch.tensor([GLA_PATH_STEPS[span][paths[(t // 64) % len(paths)]] for t in range(T)], device=device)
+    u = torch.rand(B, T, H, K, generator=generator, device=device)
+    return -(steps[None, :, None, None] * (0.5 + u))
+
+
+def gla_intra_paths(g, span, cu_seqlens=None):
+    """How many (chunk, head) blocks chunk_gla's intra kernels take on each path for the gate g [B, T, H, K],
+    counted over all keys at once (a slice of K takes a faster path where the whole does): {"chunk": chunks on
+    one reference row, "block": 16-row blocks on one where their chunk is not, "tree": 16-row blocks past SPAN}."""
+    bounds = ([(b, 0, g.shape[1]) for b in range(g.shape[0])] if cu_seqlens is None else
+              [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])])
+    counts = {"chunk": 0, "block": 0, "tree": 0}
+    for b, s, e in bounds:
+        for t0 in range(s, e, 64):
+            G = g[b, t0:min(t0 + 64, e)].float().cumsum(0)  # [n, H, K]
+            n = G.shape[0]
+            if (G - G[min(32, n - 1)]).abs().amax() <= span:
+                counts["chunk"] += G.shape[1]
+                continue
+            for r0 in range(0, n, 16):
+                fits = (G[r0:r0 + 16] - G[min(r0 + 8, n - 1)]).abs().amax((0, 2)) <= span  # [H]
+                counts["block"] += int(fits.sum())
+                counts["tree"] += int((~fits).sum())
+    return counts

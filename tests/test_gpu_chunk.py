@@ -9,7 +9,9 @@ import torch
 
 import fla_aot.ops as ops
 import fla_aot.ops.chunk as chunk
-from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, make_inputs, reference, rel_err, to_f64
+from tests.chunk_cases import (G_GRAD_TOL, GRAD_TOL, OPS, TOL, flat_states, gla_gate_by_chunk, gla_intra_paths,
+                               make_inputs, reference, rel_err, to_f64)
+from triton_src import chunk_gla as chunk_gla_src
 from tests.fused_recurrent_cases import (assert_same_results, capture_graph, check_two_streams_match_one,
                                         fixed_cotangent_grads)
 
@@ -355,6 +357,22 @@ def test_gla_gradients_gates_varlen(strong, cu, state_v_first):
     # factoring keeps the intra-chunk products finite and exact
     kw = make_inputs("gla", B=2 if cu is None else 1, T=200, H=2, K=32, V=64, dtype=torch.float32, device=DEV,
                      cu_seqlens=cu, strong_gates=strong, state_v_first=state_v_first)
+    check_gradients("gla", kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("paths,cu", [(("chunk", "block", "tree"), None), (("tree", "chunk", "block"), [0, 0, 70, 300]),
+                                      (("block",), None)])
+def test_gla_intra_paths(dtype, paths, cu):
+    """chunk_gla's intra-chunk products take one reference row for a chunk, one for each 16-row block, or the
+    pairing tree, by how far the gate sums stray (SPAN, per dtype): gates that send each chunk of a sequence down
+    a chosen path, each path counted from the gates and taken, and the output and every gradient right."""
+    span = chunk_gla_src._span(str(dtype).removeprefix("torch."))
+    B = 2 if cu is None else 1
+    kw = make_inputs("gla", B=B, T=300, H=2, K=64, V=64, dtype=dtype, device=DEV, cu_seqlens=cu)
+    kw["g"] = gla_gate_by_chunk(B, 300, 2, 64, paths, span, device=DEV)
+    taken = gla_intra_paths(kw["g"], span, cu)
+    assert all(taken[p] > 0 for p in paths), taken
     check_gradients("gla", kw)
 
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import fla_aot.ops.chunk as chunk  # noqa: E402
 from fla_aot.reference import fused_recurrent_reference  # noqa: E402
-from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, TOL  # noqa: E402
+from tests.chunk_cases import G_GRAD_TOL, GRAD_TOL, TOL, gla_gate_by_chunk, gla_intra_paths  # noqa: E402
 from tests.fused_recurrent_cases import rel_err  # noqa: E402
 from triton_src import chunk as chunk_src, chunk_gla as chunk_gla_src  # noqa: E402
 
@@ -70,7 +70,12 @@ CASES = {
     "gla_keys_in_slices": (1, None, 40, 24, "gk", False, False, 100),  # K over two slices, the second partial
     # a gate 20x stronger: most factors of the pairing tree underflow, none may overflow
     "gla_strong_gate": (1, None, 16, 16, "gk_strong", True, False, 100),
+    # a weak gate: every chunk's products through one reference row
+    "gla_weak_gate": (1, None, 16, 16, "gk_weak", True, False, 100),
+    # chunk by chunk one reference row, one per 16-row block, the tree (gla_intra_paths counts each)
+    "gla_each_path": (1, None, 16, 16, "gk_paths", True, False, 100),
 }
+GLA_GATES = ("gk", "gk_strong", "gk_weak", "gk_paths")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -80,11 +85,16 @@ def test_chunk_forward_and_backward(interpreted, case):
     N = B if lengths is None else len(lengths)
     torch.manual_seed(0)
     H = 2
-    gla = gates in ("gk", "gk_strong")
+    gla = gates in GLA_GATES
     q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
     v = torch.randn(B, T, H, V)
-    if gla:
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0) * (20 if gates == "gk_strong" else 1)
+    if gates == "gk_paths":
+        g = gla_gate_by_chunk(B, T, H, K, ("chunk", "block", "tree"), chunk_gla_src._span("float32"))
+        taken = gla_intra_paths(g, chunk_gla_src._span("float32"))
+        assert all(taken.values()), taken
+    elif gla:
+        shift = 3.0 if gates == "gk_weak" else -1.0
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) + shift) * (20 if gates == "gk_strong" else 1)
     else:
         g = -0.3 * torch.rand(B, T, H) if gates in ("g", "g+gamma") else None
     g_gamma = -0.2 * torch.rand(H) if gates in ("gamma", "g+gamma") else None
@@ -131,16 +141,28 @@ def test_gla_small_key_slices(monkeypatch, case, request):
     test_chunk_forward_and_backward(None, case)
 
 
-@pytest.mark.parametrize("tf32,gate_dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float16)])
-def test_gla_half_inputs(monkeypatch, tf32, gate_dtype, request):
+@pytest.mark.parametrize("case", ["gla_one_segment", "gla_weak_gate", "gla_varlen"])
+def test_gla_tree_alone(monkeypatch, case, request):
+    """GLA's intra kernels with the one-reference products off (SPAN < 0): every pair on the pairing tree."""
+    _override_configs(monkeypatch, _INTRA, SPAN=-1.0)
+    request.getfixturevalue("interpreted")
+    test_chunk_forward_and_backward(None, case)
+
+
+@pytest.mark.parametrize("tf32,gate_dtype,shift", [(False, torch.float32, -1.0), (True, torch.float32, -1.0),
+                                                   (False, torch.float16, -1.0), (False, torch.float32, 5.0)])
+def test_gla_half_inputs(monkeypatch, tf32, gate_dtype, shift, request):
     """float16 inputs, the intra kernels' tree products in the inputs' dtype or (TF32) in tf32, and the gate in
-    float32 or float16 (chunk_gk_cumsum sums it per chunk in float32), against float64."""
+    float32 or float16 (chunk_gk_cumsum sums it per chunk in float32), against float64; the gate
+    logsigmoid(x + shift): with shift 5 weak enough for float16's one-reference products (SPAN 2)."""
     _override_configs(monkeypatch, _INTRA, TF32=tf32)
     request.getfixturevalue("interpreted")
     torch.manual_seed(0)
     B, T, H, K, V = 1, 150, 2, 32, 16
     q, k, v = (torch.randn(B, T, H, D).half() for D in (K, K, V))
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) - 1.0).to(gate_dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K) + shift).to(gate_dtype)
+    if shift > 0:
+        assert gla_intra_paths(g, chunk_gla_src._span("float16"))["chunk"] > 0
     h0, dht = torch.randn(B, H, K, V), torch.randn(B, H, K, V)
     do = torch.randn(B, T, H, V).half()
     o, ht, leaves = _run(q, k, v, g, None, h0, (T,), 100, gla=True)

@@ -35,6 +35,7 @@ SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 SPECS = chunk_src.SPECS + chunk_gla_src.SPECS + chunk_delta_src.SPECS
 OPS_AOT = {**chunk._ops, **chunk_delta._ops}  # the installed cubins, before any is swapped for a JIT launch
 STREAM_OPS = ["gla", "simple_gla", "delta", "delta_rule"]  # what --streams times (_op_calls)
+SPANS = [None, 30.0, -1.0]  # GLA's intra kernels: the frozen SPAN, and two others (candidates)
 
 
 def install(name, runner):
@@ -61,12 +62,15 @@ def candidates(name):
         for bk, bv, w, s in itertools.product([64, 128], [32, 64], [4, 8], [1, 2]):
             yield f"BK={bk} BV={bv} warps={w} stages={s}", {}, dict(BK=bk, BV=bv, num_warps=w, num_stages=s)
     elif name == "chunk_gla_intra":  # TF32 timed and left off (docs/tuning/chunk.md)
-        for bk, w, s in itertools.product([16, 32, 64], [4, 8], [1, 2]):
-            yield f"BK={bk} warps={w} stages={s}", {}, dict(BK=bk, num_warps=w, num_stages=s)
-    elif name == "chunk_gla_bwd_intra":
-        for tf32, bk, w, s in itertools.product([False, True], [32, 64], [4, 8], [1, 2]):
-            yield (f"TF32={int(tf32)} BK={bk} warps={w} stages={s}", {},
-                   dict(TF32=tf32, BK=bk, num_warps=w, num_stages=s))
+        # SPAN=30 (the benchmark's gates: 16-row blocks on one reference row, not whole chunks) and SPAN=-1 (every
+        # pair on the pairing tree), for comparison; 8 warps and 2 stages lost at every BK (H200, December 2026)
+        for span, bk, w, s in itertools.product(SPANS, [16, 32, 64], [4], [1]):
+            yield (f"BK={bk} warps={w} stages={s}" + ("" if span is None else f" SPAN={span:g}"), {},
+                   dict(BK=bk, num_warps=w, num_stages=s, **({} if span is None else dict(SPAN=span))))
+    elif name == "chunk_gla_bwd_intra":  # TF32 timed and left off (9-11% slower end to end, docs/tuning/chunk.md)
+        for span, bk, w, s in itertools.product(SPANS, [16, 32, 64], [4], [1]):
+            yield (f"BK={bk} warps={w} stages={s}" + ("" if span is None else f" SPAN={span:g}"), {},
+                   dict(BK=bk, num_warps=w, num_stages=s, **({} if span is None else dict(SPAN=span))))
     elif name in ("chunk_gla_fwd_o", "chunk_gla_bwd_inter", "chunk_gla_bwd_dv"):
         # BV=128: one program per chunk reads q (or k) and the gates once instead of once per slice of V
         for bk, bv, w, s in itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3]):

@@ -444,9 +444,10 @@ def chunk_delta_bwd_wy_kernel(k, v, beta, gcum, Ai, dw, dv_new, dk_state, dG, ch
 # ---- launch configs: tools/tune_chunk.py, output in docs/tuning/chunk_delta.md (H100, bf16, K=V=128) ----------
 
 def _solve_config(KP, **_):
-    # 2 warps: 0.48 ms per step at B=8 T=2048 (two launches, with w and u) against 0.66 with 4 (the substitution's
-    # reductions)
-    return dict(BK=min(KP, 64), BT=CHUNK, BC=SUB_CHUNK, num_warps=2, num_stages=1)
+    # H200, ms per step at B8 T2048 / B2 T8192 / B1 T32768 (through the JIT, docs/tuning/chunk_delta.md): 1 warp
+    # 0.121 / 0.120 / 0.233, 2 warps 0.132 / 0.131 / 0.261, 4 warps 0.215 / 0.216 / 0.431 (the substitution's
+    # reductions); 1 warp spills 504 bytes a thread at K=128 (sm_90) and is still the fastest
+    return dict(BK=min(KP, 64), BT=CHUNK, BC=SUB_CHUNK, num_warps=1, num_stages=1)
 
 
 def _wu_config(KP, **_):

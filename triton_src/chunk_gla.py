@@ -168,34 +168,110 @@ def _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK: tl.constexpr, 
 
 
 @triton.jit
-def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
-                  TF32: tl.constexpr):
-    """Stores A of the chunk [t0, t1), each pair (i, j) at the level of the pairing tree where i and j fall in the
-    two halves of one block, as a product of factored rows. A level's pairs fill disjoint blocks of A, so each
-    level is a batched product of just its rows: levels of 16 rows and more block by block, the smaller ones and
-    the diagonal (no decay) inside the chunk's 16-row diagonal blocks."""
-    a_row = (t0 * H + i_h) * BT  # A [B, T, H, BT] at row t0
+def _reference_rows(g, t0, t1, i_h, H, K, o_k, mask_k, rows_ref):
+    """The gate sums at the chunk's rows rows_ref (clamped to the sequence's last row) x keys o_k (broadcast)."""
+    r = tl.minimum(t0 + rows_ref, t1 - 1)
+    return tl.load(g + (r * H + i_h) * K + o_k, mask=mask_k, other=0.)
+
+
+@triton.jit
+def _spans(g, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr):
+    """How far the chunk's gate sums stray from its reference rows, over all keys: max |G_i - G_ref| for the
+    chunk's middle row (one reference row for all of A where it is at most SPAN) and for each 16-row block's middle
+    row over its own rows (one per block)."""
     NS: tl.constexpr = BT // 16
-    o_c = tl.arange(0, 16)
-    o_s = tl.arange(0, NS)[:, None]
-    rows = o_s * 16 + o_c[None, :]  # [NS, 16]
-    b_Ad = tl.zeros([NS, 16, 16], dtype=tl.float32)
+    rows = tl.arange(0, NS)[:, None] * 16 + tl.arange(0, 16)[None, :]  # [NS, 16]
+    chunk_span = tl.zeros([NS, 16, BK], dtype=tl.float32)
+    block_span = tl.zeros([NS, 16, BK], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         mask_k = o_k < K
         p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
+        b_g = tl.load(g + p, mask=m, other=0.)
+        o_k3, mask_k3 = o_k[None, None, :], mask_k[None, None, :]
+        d = b_g - _reference_rows(g, t0, t1, i_h, H, K, o_k3, mask_k3, BT // 2)
+        chunk_span = tl.maximum(chunk_span, tl.where(m, tl.abs(d), 0.))
+        d = b_g - _reference_rows(g, t0, t1, i_h, H, K, o_k3, mask_k3, (tl.arange(0, NS) * 16 + 8)[:, None, None])
+        block_span = tl.maximum(block_span, tl.where(m, tl.abs(d), 0.))
+    return tl.max(tl.max(tl.max(chunk_span, 2), 1), 0), tl.max(tl.max(tl.max(block_span, 2), 1), 0)
+
+
+@triton.jit
+def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: tl.constexpr, BT: tl.constexpr,
+                          TF32: tl.constexpr):
+    """Stores A of the chunk [t0, t1) as one product: exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j) for every
+    pair, rows factored by e = exp(G - G_ref) on the query side and 1 / e on the key side. Taken only where
+    |G - G_ref| <= SPAN, so no factor overflows or leaves the normal range of the rows' dtype; the products of
+    pairs above the diagonal may be huge and are dropped."""
+    o_j = tl.arange(0, BT)
+    o_t = t0 + o_j
+    mask_t = o_t < t1
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
+        b_gr = tl.load(g + (ref * H + i_h) * K + o_k, mask=mask_k, other=0.)
+        d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gr[None, :], 0.)
         b_q = tl.load(q + p, mask=m, other=0.)
         b_k = tl.load(k + p, mask=m, other=0.)
-        b_g = tl.load(g + p, mask=m, other=0.)
-        b_Ad += tl.where((o_c[:, None] == o_c[None, :])[None], _dot(b_q, tl.permute(b_k, (0, 2, 1))), 0.)
-        for lvl in tl.static_range(0, 4):
-            b_Ad += _diagonal_level(g, b_g, b_q, b_k, rows, o_s, o_c, o_k, mask_k, i_h, H, K, t0, t1, 1 << lvl,
-                                    TF32)
-    tl.store(A + a_row + rows[:, :, None] * H * BT + o_s[:, :, None] * 16 + o_c[None, None, :],
-             (b_Ad * scale).to(A.dtype.element_ty),
-             mask=((t0 + rows) < t1)[:, :, None])
-    for lvl in tl.static_range(4, LEVELS):
-        _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK, BT, 1 << lvl, TF32)
+        b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
+        b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
+        b_A += _tree_dot(b_qe, tl.trans(b_ke), b_q, TF32)
+    causal = o_j[:, None] >= o_j[None, :]
+    tl.store(A + a_row + o_j[:, None] * H * BT + o_j[None, :], tl.where(causal, b_A * scale, 0.).to(A.dtype.element_ty),
+             mask=mask_t[:, None])
+
+
+@triton.jit
+def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
+                  TF32: tl.constexpr, SPAN: tl.constexpr):
+    """Stores A of the chunk [t0, t1). Where the gate sums stay within SPAN of the chunk's middle row, as one
+    product through that row (_one_reference_scores). Else each pair (i, j) at the level of the pairing tree where
+    i and j fall in the two halves of one block, as a product of factored rows. A level's pairs fill disjoint
+    blocks of A, so each level is a batched product of just its rows: levels of 16 rows and more block by block;
+    inside the chunk's 16-row diagonal blocks one product through each block's middle row where every block's sums
+    stay within SPAN of it, else the levels below 16 and the diagonal (no decay)."""
+    a_row = (t0 * H + i_h) * BT  # A [B, T, H, BT] at row t0
+    chunk_span, block_span = _spans(g, i_h, H, K, t0, t1, BK, BT)
+    if chunk_span <= SPAN:
+        _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, tl.minimum(t0 + BT // 2, t1 - 1), BK, BT,
+                              TF32)
+    else:
+        NS: tl.constexpr = BT // 16
+        o_c = tl.arange(0, 16)
+        o_s = tl.arange(0, NS)[:, None]
+        rows = o_s * 16 + o_c[None, :]  # [NS, 16]
+        b_Ad = tl.zeros([NS, 16, 16], dtype=tl.float32)
+        if block_span <= SPAN:
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                mask_k = o_k < K
+                p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
+                b_q = tl.load(q + p, mask=m, other=0.)
+                b_k = tl.load(k + p, mask=m, other=0.)
+                b_gm = _reference_rows(g, t0, t1, i_h, H, K, o_k[None, None, :], mask_k[None, None, :],
+                                       o_s[:, :, None] * 16 + 8)
+                d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gm, 0.)
+                b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
+                b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
+                b_Ad += _tree_dot(b_qe, tl.permute(b_ke, (0, 2, 1)), b_q, TF32)
+            b_Ad = tl.where((o_c[:, None] >= o_c[None, :])[None], b_Ad, 0.)
+        else:
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                mask_k = o_k < K
+                p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
+                b_q = tl.load(q + p, mask=m, other=0.)
+                b_k = tl.load(k + p, mask=m, other=0.)
+                b_g = tl.load(g + p, mask=m, other=0.)
+                b_Ad += tl.where((o_c[:, None] == o_c[None, :])[None], _dot(b_q, tl.permute(b_k, (0, 2, 1))), 0.)
+                for lvl in tl.static_range(0, 4):
+                    b_Ad += _diagonal_level(g, b_g, b_q, b_k, rows, o_s, o_c, o_k, mask_k, i_h, H, K, t0, t1,
+                                            1 << lvl, TF32)
+        tl.store(A + a_row + rows[:, :, None] * H * BT + o_s[:, :, None] * 16 + o_c[None, None, :],
+                 (b_Ad * scale).to(A.dtype.element_ty),
+                 mask=((t0 + rows) < t1)[:, :, None])
+        for lvl in tl.static_range(4, LEVELS):
+            _block_level(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK, BT, 1 << lvl, TF32)
 
 
 @triton.jit
@@ -226,10 +302,10 @@ def _output_tile(qg, v, states, A, o, scale, i_ch, i_v, i_h, t0, t1, H, K, V,
 @triton.jit
 def chunk_gla_intra_kernel(q, k, g, chunks, A, scale, H, K,
                            KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
-                           TF32: tl.constexpr):
+                           TF32: tl.constexpr, SPAN: tl.constexpr):
     """A of one chunk (_intra_scores)."""
     i_h, t0, t1 = _chunk_bounds(chunks, tl.program_id(0), H)
-    _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK, BT, LEVELS, TF32)
+    _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK, BT, LEVELS, TF32, SPAN)
 
 
 @triton.jit
@@ -287,9 +363,32 @@ def chunk_gla_bwd_inter_kernel(v, g, do, states, dstates, chunks, dq, dk, dA, dg
 
 
 @triton.jit
+def _level_grads(g, b_g, b_q, b_k, b_dA, i_h, H, K, t0, t1, o_j, o_k, mask_k, lvl, TF32: tl.constexpr):
+    """The shares of dq and dk of level 2^lvl of the pairing tree: dq_i = e_i sum_j dA[i, j] (k_j e_j) over its later
+    rows i, dk_j = e_j sum_i dA[i, j] (q_i e_i) over its earlier rows j."""
+    e, b_qe, b_ke = _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl, TF32)
+    pair = (((o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1)))
+            & ((o_j[:, None] >> lvl) % 2 == 1) & ((o_j[None, :] >> lvl) % 2 == 0))
+    b_dAl = _tree_operand(tl.where(pair, b_dA, 0.), b_q, TF32)
+    return e * _tree_dot(b_dAl, b_ke, b_q, TF32), e * _tree_dot(tl.trans(b_dAl), b_qe, b_q, TF32)
+
+
+@triton.jit
+def _one_reference_grads(b_dA, pairs, d, b_q, b_k, TF32: tl.constexpr):
+    """The shares of dq and dk of the pairs `pairs` through one reference row: with e = exp(d) = exp(G - G_ref)
+    (|d| <= SPAN), dq_i = e_i sum_j dA[i, j] (k_j / e_j) and dk_j = (1 / e_j) sum_i dA[i, j] (q_i e_i)."""
+    e = tl.exp(d)
+    e_inv = tl.exp(-d)
+    b_qe = _tree_operand(b_q * e, b_q, TF32)
+    b_ke = _tree_operand(b_k * e_inv, b_q, TF32)
+    b_dAp = _tree_operand(tl.where(pairs, b_dA, 0.), b_q, TF32)
+    return e * _tree_dot(b_dAp, b_ke, b_q, TF32), e_inv * _tree_dot(tl.trans(b_dAp), b_qe, b_q, TF32)
+
+
+@triton.jit
 def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dg_state, chunks, dq, dk, dg, H, K,
                                KP: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
-                               TF32: tl.constexpr):
+                               TF32: tl.constexpr, SPAN: tl.constexpr):
     """dq, dk of one chunk and BK-wide slice i_k of K: the state's shares plus the intra-chunk sums, taken pair by
     pair as chunk_gla_intra_kernel takes A (each level's pairs as two products of factored rows); and the gate's
     gradient per key. At token t that is the sum of q.dq - k.dk over the rest of its sequence (plus the final
@@ -310,14 +409,29 @@ def chunk_gla_bwd_intra_kernel(q, k, g, dA, dq_inter, dk_inter, dg_state, chunks
     b_dAd = tl.sum(tl.where(o_j[:, None] == o_j[None, :], b_dA, 0.), 1)[:, None]
     b_dq = b_dAd * b_k.to(tl.float32)
     b_dk = b_dAd * b_q.to(tl.float32)
-    for lvl in range(LEVELS):
-        # dq_i += e_i sum_j dA[i, j] (k_j e_j) over later rows i, dk_j += e_j sum_i dA[i, j] (q_i e_i) over earlier j
-        e, b_qe, b_ke = _level_rows(g, b_g, b_q, b_k, i_h, H, K, t0, t1, o_j, o_k, mask_k, 1 << lvl, TF32)
-        pair = (((o_j[:, None] >> (lvl + 1)) == (o_j[None, :] >> (lvl + 1)))
-                & ((o_j[:, None] >> lvl) % 2 == 1) & ((o_j[None, :] >> lvl) % 2 == 0))
-        b_dAl = _tree_operand(tl.where(pair, b_dA, 0.), b_q, TF32)
-        b_dq += e * _tree_dot(b_dAl, b_ke, b_q, TF32)
-        b_dk += e * _tree_dot(tl.trans(b_dAl), b_qe, b_q, TF32)
+    # the pairs below the diagonal through one reference row where the sums of this slice of K stay within SPAN
+    # of it (as the forward takes them): the chunk's middle row for all of them; else each 16-row block's middle
+    # row for the pairs inside the blocks (the tree's levels below 16); the rest on the tree
+    d = tl.where(m, b_g - _reference_rows(g, t0, t1, i_h, H, K, o_k[None, :], mask_k[None, :], BT // 2), 0.)
+    first = 0
+    if tl.max(tl.max(tl.abs(d), 1), 0) <= SPAN:
+        dq_r, dk_r = _one_reference_grads(b_dA, o_j[:, None] > o_j[None, :], d, b_q, b_k, TF32)
+        b_dq += dq_r
+        b_dk += dk_r
+        first = LEVELS
+    else:
+        d = tl.where(m, b_g - _reference_rows(g, t0, t1, i_h, H, K, o_k[None, :], mask_k[None, :],
+                                              (o_j // 16 * 16 + 8)[:, None]), 0.)
+        if tl.max(tl.max(tl.abs(d), 1), 0) <= SPAN:
+            pairs = (o_j[:, None] // 16 == o_j[None, :] // 16) & (o_j[:, None] > o_j[None, :])
+            dq_r, dk_r = _one_reference_grads(b_dA, pairs, d, b_q, b_k, TF32)
+            b_dq += dq_r
+            b_dk += dk_r
+            first = 4
+    for lvl in range(first, LEVELS):
+        dq_r, dk_r = _level_grads(g, b_g, b_q, b_k, b_dA, i_h, H, K, t0, t1, o_j, o_k, mask_k, lvl, TF32)
+        b_dq += dq_r
+        b_dk += dk_r
     b_dq += tl.load(dq_inter + p, mask=m, other=0.)
     b_dk_state = tl.load(dk_inter + p, mask=m, other=0.)
     b_dk += b_dk_state
@@ -373,22 +487,30 @@ def _cumsum_config(KP, **_):
     return dict(BK=min(KP, 64), BT=CHUNK, num_warps=4, num_stages=1)
 
 
-# B=8 T=2048 on an H200, per forward + backward step (docs/tuning/chunk.md): the forward 0.409 ms (BK=32, 8 warps:
-# 0.427; the column loop before: 0.667, 0.611 in its PREFETCH form), the backward 0.757 (BK=64, 8 warps: 0.816;
-# before: 1.799, PREFETCH 1.393). With float32 inputs these spill (ptxas, sm_90): a correctness path, not tuned.
-# TF32 (off: not yet timed) takes the tree's products in tf32. The tree's rows rounded to bfloat16 are what is left
-# of the gate gradient's error: 8.8e-3 from the float32 recurrence on the H200 (fla-core 0.6.0: 5.6e-4), about 1.1e-3
-# with tf32 products in the float64 replay of tools/gla_gate_grad_rounding.py (docs/tuning/chunk.md).
-def _intra_config(KP, **_):
-    # per level one batched product of its blocks (no 64 x 64 accumulator): H200, chunk_gla_intra alone in a
-    # fwd+bwd step, BK=16 on 4 warps, 1 stage 0.373 / 0.376 / 0.732 ms (BK=64: 0.380; the one-accumulator kernel
-    # before: 0.409 at B8 T2048), timed as compiled: 128 registers and 16 bytes of stack a thread for 16-bit inputs at
-    # K=128 (sm_90 resource report); float32 161 registers, no stack
-    return dict(BK=min(KP, 16), BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4, num_stages=1)
+# GLA's intra kernels. TF32 takes their products in tf32 (off: 9-11% slower end to end). The factored rows rounded
+# to bfloat16 are what is left of the gate gradient's error: 8.8e-3 from the float32 recurrence on the H200 (fla-core
+# 0.6.0: 5.6e-4), about 1.1e-3 with tf32 products in the float64 replay of tools/gla_gate_grad_rounding.py
+# (docs/tuning/chunk.md).
+def _span(dtype):
+    # the largest |G_i - G_ref| the one-reference products take: rows scaled by exp(+-40) (2e17) stay finite and
+    # normal in float32 and bfloat16 for |q|, |k| between 1e-20 and 1e21 (the products of pairs above the diagonal,
+    # dropped, may overflow); float16's narrow range allows exp(+-2) (rows up to ~8e3 finite, down to ~5e-4 normal)
+    return 2.0 if dtype == "float16" else 40.0
 
 
-def _bwd_intra_config(KP, **_):
-    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, TF32=False, num_warps=4, num_stages=1)
+def _intra_config(KP, dtype, **_):
+    # H200, ms per chunk_gla fwd+bwd step at B8 T2048 / B2 T8192 / B1 T32768 (JIT, docs/tuning/chunk.md), with the
+    # benchmark's gates (nearly every chunk on one reference row) / SPAN=30 (16-row blocks on one) / the tree alone:
+    # BK=64 0.162 / 0.229 / 0.407 at B8 T2048, BK=32 0.185 / 0.281 / 0.440, BK=16 0.176 / 0.297 / 0.474 (8 warps and
+    # 2 stages lost before); the tree alone before the one-reference products: 0.385. BK=64 takes 255 registers and
+    # 168 bytes of stack a thread at K=128 for 16-bit inputs (sm_90 resource report), float32 352 bytes of stack
+    return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, TF32=False, SPAN=_span(dtype), num_warps=4, num_stages=1)
+
+
+def _bwd_intra_config(KP, dtype, **_):
+    # same run and gates: BK=32 0.531 / 0.711 / 0.976, BK=64 0.508 / 0.882 / 1.137, BK=16 0.684 / 0.827 / 1.151; the
+    # tree alone before the one-reference products: 0.889. BK=32: 250 registers, no stack (float32: 254)
+    return dict(BK=min(KP, 32), BT=CHUNK, LEVELS=LEVELS, TF32=False, SPAN=_span(dtype), num_warps=4, num_stages=1)
 
 
 def _fwd_o_config(KP, dtype, **_):
