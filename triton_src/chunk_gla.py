@@ -197,6 +197,13 @@ def _spans(g, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _lower_with_diagonal(b_A, b_diag, rows, cols):
+    # the one-reference product below the diagonal, the diagonal (no decay) from unrounded rows: there the product
+    # would carry two roundings of rows whose pair decays least, the largest scores under a strong gate
+    return tl.where(rows == cols, b_diag, tl.where(rows > cols, b_A, 0.))
+
+
+@triton.jit
 def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: tl.constexpr, BT: tl.constexpr,
                           TF32: tl.constexpr):
     """Stores A of the chunk [t0, t1) as one product: exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j) for every
@@ -207,6 +214,7 @@ def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: 
     o_t = t0 + o_j
     mask_t = o_t < t1
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_diag = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
         b_gr = tl.load(g + (ref * H + i_h) * K + o_k, mask=mask_k, other=0.)
@@ -216,8 +224,9 @@ def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: 
         b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
         b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
         b_A += _tree_dot(b_qe, tl.trans(b_ke), b_q, TF32)
-    causal = o_j[:, None] >= o_j[None, :]
-    tl.store(A + a_row + o_j[:, None] * H * BT + o_j[None, :], tl.where(causal, b_A * scale, 0.).to(A.dtype.element_ty),
+        b_diag += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), 1)
+    tl.store(A + a_row + o_j[:, None] * H * BT + o_j[None, :],
+             (_lower_with_diagonal(b_A, b_diag[:, None], o_j[:, None], o_j[None, :]) * scale).to(A.dtype.element_ty),
              mask=mask_t[:, None])
 
 
@@ -242,6 +251,7 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
         rows = o_s * 16 + o_c[None, :]  # [NS, 16]
         b_Ad = tl.zeros([NS, 16, 16], dtype=tl.float32)
         if block_span <= SPAN:
+            b_diag = tl.zeros([NS, 16], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BK)):
                 o_k = i_k * BK + tl.arange(0, BK)
                 mask_k = o_k < K
@@ -254,7 +264,8 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
                 b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
                 b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
                 b_Ad += _tree_dot(b_qe, tl.permute(b_ke, (0, 2, 1)), b_q, TF32)
-            b_Ad = tl.where((o_c[:, None] >= o_c[None, :])[None], b_Ad, 0.)
+                b_diag += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), 2)
+            b_Ad = _lower_with_diagonal(b_Ad, b_diag[:, :, None], o_c[None, :, None], o_c[None, None, :])
         else:
             for i_k in range(0, tl.cdiv(K, BK)):
                 o_k = i_k * BK + tl.arange(0, BK)
@@ -503,7 +514,8 @@ def _intra_config(KP, dtype, **_):
     # benchmark's gates (nearly every chunk on one reference row) / SPAN=30 (16-row blocks on one) / the tree alone:
     # BK=64 0.162 / 0.229 / 0.407 at B8 T2048, BK=32 0.185 / 0.281 / 0.440, BK=16 0.176 / 0.297 / 0.474 (8 warps and
     # 2 stages lost before); the tree alone before the one-reference products: 0.385. BK=64 takes 255 registers and
-    # 168 bytes of stack a thread at K=128 for 16-bit inputs (sm_90 resource report), float32 352 bytes of stack
+    # 184 bytes of stack a thread at K=128 for 16-bit inputs (sm_90 resource report), float32 360 bytes (timed before
+    # the diagonal was taken from unrounded rows: 168 bytes)
     return dict(BK=min(KP, 64), BT=CHUNK, LEVELS=LEVELS, TF32=False, SPAN=_span(dtype), num_warps=4, num_stages=1)
 
 
