@@ -18,7 +18,10 @@ m the first later row, both factors at most 1 (nothing overflows, and a factor u
 it belongs to is smaller still). Every pair j < i meets at exactly one level, so a level's sums are tensor-core
 products of factored rows: log2(64) = 6 levels and one exp per element and level, where a column at a time needs
 an exp per element and pair (the forward takes each level's blocks as one batched product, the backward one
-product masked to the level's pairs). The diagonal has no decay. Between kernels A [B, T, H, 64] is kept in the
+product masked to the level's pairs). The diagonal has no decay. Where the gate sums stay within SPAN of one row
+m (a launch constexpr per dtype), exp(G_i - G_m) exp(G_m - G_j) through that single row is safe for every pair
+inside it, and the tree's levels give way to one product: for the whole chunk through its middle row, else for the
+16-row diagonal blocks through theirs (the levels below 16). Between kernels A [B, T, H, 64] is kept in the
 inputs' dtype (the products that read it round it to that dtype anyway), dA and the state's shares of dq and dk in
 float32.
 """
