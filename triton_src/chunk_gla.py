@@ -234,6 +234,16 @@ def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: 
 
 
 @triton.jit
+def _block_tiles(q, k, rows, i_k, BK: tl.constexpr, i_h, H, K, t0, t1):
+    """Slice i_k of K over the chunk's rows [NS, 16]: its keys and their mask, the [NS, 16, BK] tile's offsets and
+    mask, and q and k on it."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    mask_k = o_k < K
+    p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
+    return o_k, mask_k, p, m, tl.load(q + p, mask=m, other=0.), tl.load(k + p, mask=m, other=0.)
+
+
+@triton.jit
 def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr, LEVELS: tl.constexpr,
                   TF32: tl.constexpr, SPAN: tl.constexpr):
     """Stores A of the chunk [t0, t1). Where the gate sums stay within SPAN of the chunk's middle row, as one
@@ -256,11 +266,7 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
         if block_span <= SPAN:
             b_diag = tl.zeros([NS, 16], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BK)):
-                o_k = i_k * BK + tl.arange(0, BK)
-                mask_k = o_k < K
-                p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
-                b_q = tl.load(q + p, mask=m, other=0.)
-                b_k = tl.load(k + p, mask=m, other=0.)
+                o_k, mask_k, p, m, b_q, b_k = _block_tiles(q, k, rows, i_k, BK, i_h, H, K, t0, t1)
                 b_gm = _reference_rows(g, t0, t1, i_h, H, K, o_k[None, None, :], mask_k[None, None, :],
                                        o_s[:, :, None] * 16 + 8)
                 d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gm, 0.)
@@ -271,11 +277,7 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
             b_Ad = _lower_with_diagonal(b_Ad, b_diag[:, :, None], o_c[None, :, None], o_c[None, None, :])
         else:
             for i_k in range(0, tl.cdiv(K, BK)):
-                o_k = i_k * BK + tl.arange(0, BK)
-                mask_k = o_k < K
-                p, m = _rows_tile(rows, o_k, i_h, H, K, t0, t1, mask_k)
-                b_q = tl.load(q + p, mask=m, other=0.)
-                b_k = tl.load(k + p, mask=m, other=0.)
+                o_k, mask_k, p, m, b_q, b_k = _block_tiles(q, k, rows, i_k, BK, i_h, H, K, t0, t1)
                 b_g = tl.load(g + p, mask=m, other=0.)
                 b_Ad += tl.where((o_c[:, None] == o_c[None, :])[None], _dot(b_q, tl.permute(b_k, (0, 2, 1))), 0.)
                 for lvl in tl.static_range(0, 4):
