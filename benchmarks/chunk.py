@@ -106,6 +106,8 @@ def make_inputs(op, B, T, H, D, requires_grad=False):
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, device=DEVICE, dtype=dtype)
     inputs = dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D))
+    if op == "linear_attn":  # positive features (elu + 1, as fla's feature maps give): the normaliser q.z stays > 0
+        inputs.update({n: (F.elu(inputs[n].float()) + 1).to(torch.bfloat16) for n in ("q", "k")})
     gate = OPS[op][1]
     if gate is not None:
         shape = (B, T, H) if gate == "scalar" else (B, T, H, D)
@@ -461,7 +463,7 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"),
                         help="directory for chunk.md, chunk.json, chunk.png and retention.png")
     parser.add_argument("--ops", nargs="+", choices=list(OPS),
-                        help="ops of section (1) (default: simple_gla retention, and gla if fla_aot has it)")
+                        help="ops of section (1) (default: all of them)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="what to measure (default: all); the other sections are kept from an "
                         "existing <out>/chunk.json")
@@ -483,7 +485,7 @@ def main():
     if "fla_aot" not in libraries:
         sys.exit("fla_aot is not importable")
     if args.ops is None:
-        args.ops = ["simple_gla", "retention", "gla", "gated_delta_rule", "delta_rule"]
+        args.ops = ["simple_gla", "retention", "linear_attn", "gla", "gated_delta_rule", "delta_rule"]
 
     results = {"environment": {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
