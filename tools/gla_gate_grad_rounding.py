@@ -10,7 +10,8 @@ dk from the chunk's starting state h and its end gradient dh, the intra-chunk su
 meets at the level of the highest bit where i and j differ, through the gate at its anchor row m), and dg as the sum
 of q.dq - k.dk inside the chunk plus sum_v h_L dh_L after it. Each row of the table rounds some operands: the states
 (stored 16-bit between kernels), the tree's factored rows (q e, k e) and dA as the tree's products take them; the
-second half takes every pair of a chunk through its middle row where the gate allows (the kernels' chunk form).
+other forms take every pair of a chunk through its middle row where the gate allows (the kernels' chunk form), or
+only the pairs of different 16-row blocks.
 """
 import argparse
 
@@ -51,10 +52,14 @@ def exact(q, k, v, do, g, scale):
 SPAN = 40.0  # triton_src/chunk_gla.py's _span for bfloat16
 
 
-def replay(q, k, v, do, g, scale, before, later, tree_bits, state_bits, da_bits, one_reference=False):
-    """dg as the kernels take it, with the tree's rows, dA and the states rounded as asked. one_reference: where the
+FORMS = {"tree": "the tree's anchors", "chunk": "the chunk's middle row",
+         "across": "the middle row across 16-row blocks, the tree inside them"}
+
+
+def replay(q, k, v, do, g, scale, before, later, tree_bits, state_bits, da_bits, form="tree"):
+    """dg as the kernels take it, with the tree's rows, dA and the states rounded as asked. form "chunk": where the
     chunk's gate sums stay within SPAN of its middle row, every pair goes through that row (the kernels' chunk
-    form), else through the tree's anchors."""
+    form), else through the tree's anchors; "across": only the pairs of different 16-row blocks do."""
     o = torch.arange(BT)
     low = o[None, :] < o[:, None]
     level = torch.where(low, (o[:, None] ^ o[None, :]).float().log2().floor().long(), 0)
@@ -70,8 +75,9 @@ def replay(q, k, v, do, g, scale, before, later, tree_bits, state_bits, da_bits,
         dk_state = torch.exp(G[-1] - G) * (vc @ dh.T)
         dA = scale * (doc @ vc.T) * (o[:n, None] >= o[None, :n])
         lo, m = low[:n, :n, None], anchor[:n, :n].clamp(max=n - 1)
-        if one_reference and (G - G[min(BT // 2, n - 1)]).abs().max() <= SPAN:
-            m = torch.full_like(m, min(BT // 2, n - 1))
+        if form != "tree" and (G - G[min(BT // 2, n - 1)]).abs().max() <= SPAN:
+            across = (o[:n, None] // 16 != o[None, :n] // 16) | (form == "chunk")
+            m = torch.where(across, min(BT // 2, n - 1), m)
         e_later = torch.exp(torch.where(lo, G[:, None] - G[m], 0.))  # [i, j, K], rows i vs the anchor
         e_earlier = torch.exp(torch.where(lo, G[m] - G[None], 0.))  # the anchor vs rows j
         dA_tree = rounded(dA, da_bits)[..., None] * lo
@@ -98,12 +104,11 @@ def main():
     print(f"T={args.T} K={args.K} V={args.V}: ||dg - exact|| / ||exact|| of the replay with")
     print("| pairs through | factored rows | dA in the products | states | dg rel. err |\n|---|---|---|---|---|")
     bits = {None: "exact", BF16: "bf16", TF32: "tf32"}
-    for one_ref in (False, True):
+    for form in FORMS:
         for tree, da, state in [(None, None, None), (BF16, BF16, BF16), (BF16, BF16, None), (BF16, None, BF16),
                                 (None, BF16, BF16), (TF32, TF32, BF16), (None, None, BF16)]:
-            err = (replay(q, k, v, do, g, scale, before, later, tree, state, da, one_ref) - dg).norm() / dg.norm()
-            form = "the chunk's middle row" if one_ref else "the tree's anchors"
-            print(f"| {form} | {bits[tree]} | {bits[da]} | {bits[state]} | {err:.1e} |")
+            err = (replay(q, k, v, do, g, scale, before, later, tree, state, da, form) - dg).norm() / dg.norm()
+            print(f"| {FORMS[form]} | {bits[tree]} | {bits[da]} | {bits[state]} | {err:.1e} |")
 
 
 if __name__ == "__main__":
