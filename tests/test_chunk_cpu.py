@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import fla_aot.ops as ops
 from fla_aot.ops.fused_recurrent import retention_log_decay
 from tests.chunk_cases import OPS, flat_states, make_inputs, rel_err
-from tools.gla_gate_grad_rounding import BF16, exact, replay
+from tools.gla_gate_grad_rounding import BF16, FORMS, SPAN, exact, replay
 
 F64 = torch.float64
 
@@ -406,5 +406,10 @@ def test_gla_gate_gradient_per_chunk_is_exact():
     v, do = (torch.randn(T, V, generator=gen, dtype=torch.float64) for _ in range(2))
     g = F.logsigmoid(torch.randn(T, K, generator=gen, dtype=torch.float64))
     dg, before, later = exact(q, k, v, do, g, K ** -0.5)
-    assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, None, None, None), dg) < 1e-12
+    # each form of the intra-chunk pairs (the tree's anchors, one reference row where the gate allows: it does for
+    # the first chunk here) is exact unrounded
+    G = g[:64].cumsum(0)
+    assert (G - G[32]).abs().max() <= SPAN
+    for form in FORMS:
+        assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, None, None, None, form), dg) < 1e-12, form
     assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, BF16, None, None), dg) > 1e-4
