@@ -141,6 +141,11 @@ def test_gla_small_key_slices(monkeypatch, case, request):
     test_chunk_forward_and_backward(None, case)
 
 
+def test_replay_takes_the_kernels_span():
+    from tools.gla_gate_grad_rounding import SPAN
+    assert SPAN == chunk_gla_src._span("bfloat16")
+
+
 @pytest.mark.parametrize("case", ["gla_one_segment", "gla_weak_gate", "gla_varlen"])
 def test_gla_tree_alone(monkeypatch, case, request):
     """GLA's intra kernels with the one-reference products off (SPAN < 0): every pair on the pairing tree."""
