@@ -200,6 +200,15 @@ def _spans(g, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _factored_rows(b_q, b_k, d, TF32: tl.constexpr):
+    """For the products through one reference row, d = G - G_ref (|d| <= SPAN): e = exp(d), 1 / e, and the rows as
+    the products take them, q e on the query side and k / e on the key side."""
+    e = tl.exp(d)
+    e_inv = tl.exp(-d)
+    return e, e_inv, _tree_operand(b_q * e, b_q, TF32), _tree_operand(b_k * e_inv, b_q, TF32)
+
+
+@triton.jit
 def _lower_with_diagonal(b_A, b_diag, rows, cols):
     # the one-reference product below the diagonal, the diagonal (no decay) from unrounded rows: there the product
     # would carry two roundings of rows whose pair decays least, the largest scores under a strong gate
@@ -207,12 +216,12 @@ def _lower_with_diagonal(b_A, b_diag, rows, cols):
 
 
 @triton.jit
-def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: tl.constexpr, BT: tl.constexpr,
+def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl.constexpr,
                           TF32: tl.constexpr):
     """Stores A of the chunk [t0, t1) as one product: exp(G_i - G_j) = exp(G_i - G_ref) exp(G_ref - G_j) for every
-    pair, rows factored by e = exp(G - G_ref) on the query side and 1 / e on the key side. Taken only where
-    |G - G_ref| <= SPAN, so no factor overflows or leaves the normal range of the rows' dtype; the products of
-    pairs above the diagonal may be huge and are dropped."""
+    pair, G_ref at the chunk's middle row (_factored_rows). Taken only where |G - G_ref| <= SPAN, so no factor
+    overflows or leaves the normal range of the rows' dtype; the products of pairs above the diagonal may be huge
+    and are dropped."""
     o_j = tl.arange(0, BT)
     o_t = t0 + o_j
     mask_t = o_t < t1
@@ -220,12 +229,11 @@ def _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, ref, BK: 
     b_diag = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k, mask_k, m, p = _key_slice(i_k, BK, K, o_t, mask_t, i_h, H)
-        b_gr = tl.load(g + (ref * H + i_h) * K + o_k, mask=mask_k, other=0.)
-        d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gr[None, :], 0.)
+        b_gr = _reference_rows(g, t0, t1, i_h, H, K, o_k[None, :], mask_k[None, :], BT // 2)
+        d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gr, 0.)
         b_q = tl.load(q + p, mask=m, other=0.)
         b_k = tl.load(k + p, mask=m, other=0.)
-        b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
-        b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
+        _, _, b_qe, b_ke = _factored_rows(b_q, b_k, d, TF32)
         b_A += _tree_dot(b_qe, tl.trans(b_ke), b_q, TF32)
         b_diag += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), 1)
     tl.store(A + a_row + o_j[:, None] * H * BT + o_j[None, :],
@@ -255,8 +263,7 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
     a_row = (t0 * H + i_h) * BT  # A [B, T, H, BT] at row t0
     chunk_span, block_span = _spans(g, i_h, H, K, t0, t1, BK, BT)
     if chunk_span <= SPAN:
-        _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, tl.minimum(t0 + BT // 2, t1 - 1), BK, BT,
-                              TF32)
+        _one_reference_scores(q, k, g, A, a_row, scale, i_h, H, K, t0, t1, BK, BT, TF32)
     else:
         NS: tl.constexpr = BT // 16
         o_c = tl.arange(0, 16)
@@ -270,8 +277,7 @@ def _intra_scores(q, k, g, A, scale, i_h, H, K, t0, t1, BK: tl.constexpr, BT: tl
                 b_gm = _reference_rows(g, t0, t1, i_h, H, K, o_k[None, None, :], mask_k[None, None, :],
                                        o_s[:, :, None] * 16 + 8)
                 d = tl.where(m, tl.load(g + p, mask=m, other=0.) - b_gm, 0.)
-                b_qe = _tree_operand(b_q * tl.exp(d), b_q, TF32)
-                b_ke = _tree_operand(b_k * tl.exp(-d), b_q, TF32)
+                _, _, b_qe, b_ke = _factored_rows(b_q, b_k, d, TF32)
                 b_Ad += _tree_dot(b_qe, tl.permute(b_ke, (0, 2, 1)), b_q, TF32)
                 b_diag += tl.sum(b_q.to(tl.float32) * b_k.to(tl.float32), 2)
             b_Ad = _lower_with_diagonal(b_Ad, b_diag[:, :, None], o_c[None, :, None], o_c[None, None, :])
@@ -393,10 +399,7 @@ def _level_grads(g, b_g, b_q, b_k, b_dA, i_h, H, K, t0, t1, o_j, o_k, mask_k, lv
 def _one_reference_grads(b_dA, pairs, d, b_q, b_k, TF32: tl.constexpr):
     """The shares of dq and dk of the pairs `pairs` through one reference row: with e = exp(d) = exp(G - G_ref)
     (|d| <= SPAN), dq_i = e_i sum_j dA[i, j] (k_j / e_j) and dk_j = (1 / e_j) sum_i dA[i, j] (q_i e_i)."""
-    e = tl.exp(d)
-    e_inv = tl.exp(-d)
-    b_qe = _tree_operand(b_q * e, b_q, TF32)
-    b_ke = _tree_operand(b_k * e_inv, b_q, TF32)
+    e, e_inv, b_qe, b_ke = _factored_rows(b_q, b_k, d, TF32)
     b_dAp = _tree_operand(tl.where(pairs, b_dA, 0.), b_q, TF32)
     return e * _tree_dot(b_dAp, b_ke, b_q, TF32), e_inv * _tree_dot(tl.trans(b_dAp), b_qe, b_q, TF32)
 
