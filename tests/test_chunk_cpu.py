@@ -410,6 +410,6 @@ def test_gla_gate_gradient_per_chunk_is_exact():
     # the first chunk here) is exact unrounded
     G = g[:64].cumsum(0)
     assert (G - G[32]).abs().max() <= SPAN
-    for form in FORMS:
+    for form in [*FORMS, "block"]:  # "block": tools/gla_intra_rounding.py's forward form
         assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, None, None, None, form), dg) < 1e-12, form
     assert rel_err(replay(q, k, v, do, g, K ** -0.5, before, later, BF16, None, None), dg) > 1e-4

@@ -59,14 +59,32 @@ FORMS = {"tree": "the tree's anchors", "chunk": "the chunk's middle row",
          "across": "the middle row across 16-row blocks, the tree inside them"}
 
 
+def pair_anchors(G, form="tree"):
+    """The row m [n, n] that each pair (i, j), j < i, of a chunk with gate sums G [n, K] goes through. "tree": the
+    pairing tree's anchor (the first later row of the block where i and j fall in different halves); "chunk": where
+    the sums stay within SPAN of the chunk's middle row, that row for every pair (the kernels' chunk form), else
+    the tree's; "across": the middle row only for pairs of different 16-row blocks; "block": each 16-row block's
+    middle row for the pairs inside it where all blocks stay within SPAN of theirs (the kernels' block form), the
+    tree's across blocks."""
+    n = G.shape[0]
+    o = torch.arange(n)
+    level = torch.where(o[None, :] < o[:, None], (o[:, None] ^ o[None, :]).float().log2().floor().long(), 0)
+    m = ((o[:, None] // (2 << level)) * (2 << level) + (1 << level)).clamp(max=n - 1)
+    same = o[:, None] // 16 == o[None, :] // 16
+    mid = min(BT // 2, n - 1)
+    if form in ("chunk", "across") and (G - G[mid]).abs().max() <= SPAN:
+        m = torch.where(same & (form == "across"), m, mid)
+    block_mid = (o // 16 * 16 + 8).clamp(max=n - 1)
+    if form == "block" and (G - G[block_mid]).abs().max() <= SPAN:
+        m = torch.where(same, block_mid[:, None], m)
+    return m
+
+
 def replay(q, k, v, do, g, scale, before, later, tree_bits, state_bits, da_bits, form="tree"):
-    """dg as the kernels take it, with the tree's rows, dA and the states rounded as asked. form "chunk": where the
-    chunk's gate sums stay within SPAN of its middle row, every pair goes through that row (the kernels' chunk
-    form), else through the tree's anchors; "across": only the pairs of different 16-row blocks do."""
+    """dg as the kernels take it, with the tree's rows, dA and the states rounded as asked, each pair through the
+    row pair_anchors(form) gives."""
     o = torch.arange(BT)
     low = o[None, :] < o[:, None]
-    level = torch.where(low, (o[:, None] ^ o[None, :]).float().log2().floor().long(), 0)
-    anchor = (o[:, None] // (2 << level)) * (2 << level) + (1 << level)  # m of the pair (i, j)
     dg = torch.empty_like(q)
     for c0 in range(0, q.shape[0], BT):
         c1 = min(c0 + BT, q.shape[0])
@@ -77,10 +95,7 @@ def replay(q, k, v, do, g, scale, before, later, tree_bits, state_bits, da_bits,
         dq = scale * torch.exp(G) * (doc @ h.T)
         dk_state = torch.exp(G[-1] - G) * (vc @ dh.T)
         dA = scale * (doc @ vc.T) * (o[:n, None] >= o[None, :n])
-        lo, m = low[:n, :n, None], anchor[:n, :n].clamp(max=n - 1)
-        if form != "tree" and (G - G[min(BT // 2, n - 1)]).abs().max() <= SPAN:
-            across = (o[:n, None] // 16 != o[None, :n] // 16) | (form == "chunk")
-            m = torch.where(across, min(BT // 2, n - 1), m)
+        lo, m = low[:n, :n, None], pair_anchors(G, form)
         e_later = torch.exp(torch.where(lo, G[:, None] - G[m], 0.))  # [i, j, K], rows i vs the anchor
         e_earlier = torch.exp(torch.where(lo, G[m] - G[None], 0.))  # the anchor vs rows j
         dA_tree = rounded(dA, da_bits)[..., None] * lo

@@ -1,48 +1,36 @@
 """How much chunk_gla's intra-chunk scores A lose to the bfloat16 rounding of their factored rows, per form
 (triton_src/chunk_gla.py): one reference row for the chunk, one for each 16-row block (the rest on the pairing
 tree), and the pairing tree alone, each against float64; on the CPU, for the benchmark's gate and a weak one.
+The pairs' rows come from tools/gla_gate_grad_rounding.py (pair_anchors, rounded), as in its replay of the backward.
 
     python tools/gla_intra_rounding.py [--chunks 512]
 """
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-BT = 64
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.gla_gate_grad_rounding import BF16, BT, pair_anchors, rounded  # noqa: E402
 
 
-def _bf16(x):
-    return x.to(torch.bfloat16).double()
-
-
-def scores(q, k, G, form):
-    """A [N, BT, BT] (no scale) as the kernels form it, the factored rows rounded to bfloat16 before each product
-    (float64 after), the diagonal from the unrounded rows (form "chunk, diagonal in the product": from the rounded
-    rows, as the first one-reference kernel took it)."""
-    idx = torch.arange(BT)
-    below = idx[:, None] > idx[None, :]
-    tree = torch.zeros(q.shape[0], BT, BT, dtype=torch.float64)
-    for lvl in range(6):  # level s = 2^lvl: in each block of 2s rows the later s pair with the earlier s
-        s = 1 << lvl
-        later = (idx % (2 * s)) >= s
-        dm = G - G[:, idx // (2 * s) * (2 * s) + s]
-        e = torch.exp(torch.where(later[None, :, None], dm, -dm))
-        pairs = (idx[:, None] // (2 * s) == idx[None, :] // (2 * s)) & later[:, None] & ~later[None, :]
-        tree += (_bf16(q * e) @ _bf16(k * e).transpose(1, 2)) * pairs
-    if form.startswith("chunk"):
-        d = G - G[:, BT // 2:BT // 2 + 1]
-        A = _bf16(q * torch.exp(d)) @ _bf16(k * torch.exp(-d)).transpose(1, 2)
-        if form != "chunk":
-            return A * (below | (idx[:, None] == idx[None, :]))
-        A = A * below
-    elif form == "block":
-        d = G - G[:, idx // 16 * 16 + 8]
-        same = (idx[:, None] // 16) == (idx[None, :] // 16)
-        A = torch.where(same & below, _bf16(q * torch.exp(d)) @ _bf16(k * torch.exp(-d)).transpose(1, 2), tree)
-    else:
-        A = tree
-    return A + torch.diag_embed((q * k).sum(-1))
+def scores(q, k, G, form, diagonal_in_product=False):
+    """A [BT, BT] (no scale) of one chunk as the kernels form it: each pair j < i through the row pair_anchors(form)
+    gives, its factored rows rounded to bfloat16 before the product (float64 after); the diagonal from the unrounded
+    rows, or (diagonal_in_product) from the rows factored through the middle row, as the first one-reference
+    kernel took it."""
+    o = torch.arange(BT)
+    m = pair_anchors(G, form)
+    below = (o[:, None] > o[None, :])[..., None]
+    qe = rounded(q[:, None] * torch.exp(torch.where(below, G[:, None] - G[m], 0.)), BF16)  # [i, j, K]
+    ke = rounded(k[None] * torch.exp(torch.where(below, G[m] - G[None], 0.)), BF16)
+    A = (qe * ke * below).sum(-1)
+    if diagonal_in_product:
+        d = G - G[BT // 2]
+        return A + torch.diag((rounded(q * torch.exp(d), BF16) * rounded(k * torch.exp(-d), BF16)).sum(-1))
+    return A + torch.diag((q * k).sum(-1))
 
 
 def main():
@@ -50,8 +38,8 @@ def main():
     p.add_argument("--chunks", type=int, default=512)
     args = p.parse_args()
     torch.manual_seed(0)
-    q, k = (_bf16(torch.randn(args.chunks, BT, 128)) for _ in range(2))
-    forms = ("chunk", "chunk, diagonal in the product", "block", "tree")
+    q, k = (torch.randn(args.chunks, BT, 128).to(torch.bfloat16).double() for _ in range(2))
+    forms = (("chunk", False), ("chunk", True), ("block", False), ("tree", False))
     print("| gate | max abs(G - G_mid) in a chunk | one row a chunk | the same, diagonal in the product | one row a "
           "16-row block | the tree alone |")
     print("|---|---|---|---|---|---|")
@@ -59,7 +47,8 @@ def main():
         G = F.logsigmoid(torch.randn(q.shape) + shift).double().cumsum(1)
         exact = torch.einsum("nik,njk,nijk->nij", q, k, torch.exp((G[:, :, None] - G[:, None]).clamp(max=0)))
         exact = exact * torch.ones(BT, BT).tril()
-        errs = [((scores(q, k, G, f) - exact).norm() / exact.norm()).item() for f in forms]
+        errs = [(torch.stack([scores(q[c], k[c], G[c], f, diag) for c in range(len(q))]) - exact).norm()
+                / exact.norm() for f, diag in forms]
         span = (G - G[:, BT // 2:BT // 2 + 1]).abs().amax().item()
         print(f"| {name} | {span:.1f} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
 
